@@ -1,0 +1,44 @@
+"""lora3: LoRA for Keras 3 / keras-hub models, written in `keras.ops` only.
+
+Importing `lora3` does not import keras: the backend (`KERAS_BACKEND`) must be
+chosen before keras is first imported, so everything that needs keras is loaded
+lazily on first use.
+
+    import os; os.environ["KERAS_BACKEND"] = "jax"
+    import keras_hub, lora3
+    model = keras_hub.models.T5Seq2SeqLM.from_preset("flan_base_multi")
+    report = lora3.apply_lora(model, lora3.LoraConfig(rank=8, alpha=16, targets="qv"))
+    print(report)
+    model.compile(...); model.fit(...)
+    lora3.save_adapter(model, "adapter/")
+"""
+
+from lora3.config import LoraConfig
+from lora3.errors import AdapterError, LoraConfigError, Lora3Error
+
+__version__ = "0.1.0"
+
+# Public names that need keras: resolved on first access (PEP 562).
+_LAZY = {
+    "apply_lora": "lora3.surgery",
+    "find_targets": "lora3.surgery",
+    "LoraReport": "lora3.report",
+    "LoRADense": "lora3.layers",
+    "LoRAEinsumDense": "lora3.layers",
+    "lora_layers": "lora3.surgery",
+    "save_adapter": "lora3.adapters",
+    "load_adapter": "lora3.adapters",
+    "merge_and_unload": "lora3.adapters",
+    "base_fingerprint": "lora3.adapters",
+    "load_model": "lora3.saving",
+}
+
+__all__ = ["LoraConfig", "AdapterError", "LoraConfigError", "Lora3Error", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lora3' has no attribute {name!r}")

@@ -1,0 +1,359 @@
+"""Adapter files: save, load (checked), merge.
+
+An adapter directory holds two files, both plain data:
+
+- `adapter_config.json`: `rank`, `alpha`, `rslora`, `dropout`, `init`,
+  `targets`, `layers`, `train_also`, `layer_paths`, `base_class`,
+  `base_fingerprint`, `lora3_version`, `format_version` and the sha256 of the
+  tensor file (so an altered file is refused, not silently loaded).
+- `adapter.safetensors`: only LoRA tensors, float32, keyed
+  `<layer.path>/lora_A` `(in_features, rank)` and `<layer.path>/lora_B`
+  `(rank, out_features)`. Weights named in `train_also` (if any) go to
+  `extra_weights.safetensors`, keyed by variable path.
+
+Nothing backend-specific is written, so an adapter saved under JAX loads under
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+from keras import ops
+
+import lora3
+from lora3.config import LoraConfig
+from lora3.errors import AdapterError, LoraConfigError
+from lora3.report import LoraReport
+from lora3.surgery import (
+    STATE_ATTR,
+    _parents_of,
+    _reset_compiled_functions,
+    _swap,
+    apply_plan,
+    backbone_of,
+    lora_layers,
+    make_report,
+    plan,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+EXTRA_NAME = "extra_weights.safetensors"
+FORMAT_VERSION = 1
+# Config keys excluded from the fingerprint: they do not change the architecture.
+_VOLATILE_KEYS = ("name", "dtype", "trainable")
+_REQUIRED = {
+    "rank": int,
+    "alpha": (int, float),
+    "rslora": bool,
+    "dropout": (int, float),
+    "targets": (str, list),
+    "layer_paths": list,
+    "base_class": str,
+    "base_fingerprint": str,
+    "lora3_version": str,
+    "sha256": str,
+}
+
+
+def base_fingerprint(model) -> str:
+    """A hash of the backbone's architecture config (class and hyper-parameters).
+
+    The auto-numbered name, dtype and trainable flags are left out, so the same
+    architecture gives the same fingerprint from a task model or its backbone,
+    in any dtype.
+    """
+    backbone = backbone_of(model)
+    config = type(backbone).get_config(backbone)  # the class's, not lora3's override
+    config = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS and k != "lora3"}
+    blob = json.dumps({"class": type(backbone).__name__, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _sha256(path, chunk=1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_adapter(model, directory, overwrite=True) -> str:
+    """Write the model's LoRA weights and settings to `directory`.
+
+    The directory is written whole or not at all: files go to a temporary
+    directory beside it, which then replaces it. With `overwrite=False` an
+    existing directory is refused.
+
+    Example:
+    >>> lora3.save_adapter(model, "runs/r8/adapter")   # doctest: +SKIP
+    """
+    from safetensors.numpy import save_file
+
+    wrappers = lora_layers(model)
+    if not wrappers:
+        raise AdapterError("the model has no LoRA layers to save; call lora3.apply_lora(model, ...) first")
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not overwrite:
+        raise AdapterError(f"{directory} already exists; pass overwrite=True or choose another directory")
+    state = getattr(model, STATE_ATTR, None)
+    config = state["config"] if state else LoraConfig(rank=wrappers[0].rank, alpha=wrappers[0].alpha)
+    tensors = {}
+    for w in wrappers:
+        tensors[f"{w.path}/lora_A"] = np.ascontiguousarray(ops.convert_to_numpy(w.lora_A), dtype=np.float32)
+        tensors[f"{w.path}/lora_B"] = np.ascontiguousarray(ops.convert_to_numpy(w.lora_B), dtype=np.float32)
+    lora_ids = {id(w.lora_A) for w in wrappers} | {id(w.lora_B) for w in wrappers}
+    extra = {
+        v.path: np.ascontiguousarray(ops.convert_to_numpy(v), dtype=np.float32)
+        for v in model.trainable_weights
+        if id(v) not in lora_ids
+    }
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "lora3"})
+        if extra:
+            save_file(extra, os.path.join(tmp, EXTRA_NAME), metadata={"format": "lora3"})
+        meta = {
+            **config.to_dict(),
+            "layer_paths": [w.path for w in wrappers],
+            "base_class": type(backbone_of(model)).__name__,
+            "model_class": type(model).__name__,
+            "base_fingerprint": base_fingerprint(model),
+            "lora3_version": lora3.__version__,
+            "format_version": FORMAT_VERSION,
+            "sha256": _sha256(os.path.join(tmp, WEIGHTS_NAME)),
+            "extra_weights": sorted(extra),
+        }
+        if extra:
+            meta["extra_sha256"] = _sha256(os.path.join(tmp, EXTRA_NAME))
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_dir(new, target):
+    """Move directory `new` to `target`, replacing it; `target` is never half-written."""
+    if not os.path.exists(target):
+        os.rename(new, target)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_adapter_config(directory) -> dict:
+    """Read and check `adapter_config.json`; raise `AdapterError` naming what is wrong."""
+    path = os.path.join(os.fspath(directory), CONFIG_NAME)
+    if not os.path.isdir(os.fspath(directory)):
+        raise AdapterError(f"adapter directory {os.fspath(directory)!r} does not exist")
+    if not os.path.isfile(path):
+        raise AdapterError(f"{path} is missing: not a lora3 adapter directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    for key, types in _REQUIRED.items():
+        if key not in meta:
+            raise AdapterError(f"{path} has no field {key!r} (required: {', '.join(_REQUIRED)})")
+        value = meta[key]
+        bad_bool = isinstance(value, bool) and types is not bool
+        if bad_bool or not isinstance(value, types):
+            names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+            raise AdapterError(f"{path}: field {key!r} must be {names}, got {value!r}")
+    if not all(isinstance(p, str) for p in meta["layer_paths"]):
+        raise AdapterError(f"{path}: field 'layer_paths' must be a list of strings")
+    for p in meta["layer_paths"]:
+        if p.startswith("/") or ".." in p.split("/") or not p:
+            raise AdapterError(f"{path}: layer path {p!r} is not a model layer path")
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise AdapterError(
+            f"{path} has format_version {meta['format_version']}; this lora3 ({lora3.__version__}) "
+            f"reads up to {FORMAT_VERSION}: upgrade lora3"
+        )
+    try:
+        meta["lora_config"] = LoraConfig(
+            rank=meta["rank"],
+            alpha=meta["alpha"],
+            targets=meta["targets"],
+            dropout=meta["dropout"],
+            rslora=meta["rslora"],
+            init=meta.get("init", "kaiming"),
+            layers=meta.get("layers"),
+            train_also=meta.get("train_also") or (),
+        )
+    except LoraConfigError as exc:
+        raise AdapterError(f"{path}: {exc}") from None
+    return meta
+
+
+def _read_tensors(directory, meta, expected: dict, name=WEIGHTS_NAME, digest_key="sha256") -> dict:
+    """Check the tensor file against its recorded hash and the expected keys/shapes.
+
+    `expected` maps key -> shape. Returns an open reader's tensors lazily:
+    `{key: loader}`, so a large adapter is read one tensor at a time.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(os.fspath(directory), name)
+    if not os.path.isfile(path):
+        raise AdapterError(f"{path} is missing")
+    if _sha256(path) != meta[digest_key]:
+        raise AdapterError(
+            f"{path} does not match the sha256 recorded in {CONFIG_NAME}: the file was altered, "
+            "truncated or replaced"
+        )
+    try:
+        with safe_open(path, framework="numpy") as f:
+            keys = set(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{path} is not a readable safetensors file: {exc}") from None
+    missing = sorted(set(expected) - keys)
+    extra = sorted(keys - set(expected))
+    if missing:
+        raise AdapterError(f"{path} lacks tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    if extra:
+        raise AdapterError(
+            f"{path} has tensor(s) that name no adapted layer of this model: {extra[:4]}"
+            f"{' ...' if len(extra) > 4 else ''}"
+        )
+    for key, shape in expected.items():
+        if shapes[key] != tuple(shape):
+            raise AdapterError(f"{path}: tensor {key!r} has shape {shapes[key]}, this model needs {tuple(shape)}")
+        if dtypes[key] not in ("F32", "F16", "BF16"):
+            raise AdapterError(f"{path}: tensor {key!r} has dtype {dtypes[key]}, expected a float type")
+    return path
+
+
+def load_adapter(model, directory, trainable=True) -> LoraReport:
+    """Load an adapter saved by `save_adapter` onto `model`.
+
+    Applies the surgery the adapter records when the model has no LoRA layers
+    yet (or checks the existing ones match), then assigns A and B. With
+    `trainable=False` the LoRA weights are frozen for inference.
+
+    Everything is checked before the model is touched: a base with another
+    fingerprint or other shapes, a missing or extra tensor, a truncated or
+    altered file, a malformed config all raise `AdapterError` and leave the
+    model as it was.
+    """
+    from safetensors import safe_open
+
+    meta = read_adapter_config(directory)
+    config = meta["lora_config"]
+    fingerprint = base_fingerprint(model)
+    if meta["base_fingerprint"] != fingerprint:
+        backbone = backbone_of(model)
+        raise AdapterError(
+            f"adapter in {os.fspath(directory)} was saved from a {meta['base_class']} with fingerprint "
+            f"{meta['base_fingerprint']}; this model is a {type(backbone).__name__} with fingerprint "
+            f"{fingerprint} (another architecture or size)"
+        )
+    paths = meta["layer_paths"]
+    existing = lora_layers(model)
+    if existing:
+        have = {w.path: w for w in existing}
+        if set(have) != set(paths):
+            raise AdapterError(
+                f"the model already has LoRA on {len(have)} layers that differ from the adapter's "
+                f"{len(paths)} layers; call lora3.merge_and_unload(model) or load onto a fresh model"
+            )
+        bad = [p for p in paths if have[p].rank != config.rank]
+        if bad:
+            raise AdapterError(f"the model's LoRA rank on {bad[0]!r} is {have[bad[0]].rank}, the adapter's {config.rank}")
+        features = {p: (have[p].in_features, have[p].out_features) for p in paths}
+        planned = None
+    else:
+        try:
+            planned = plan(model, config, layer_paths=paths)
+        except LoraConfigError as exc:
+            raise AdapterError(f"adapter in {os.fspath(directory)} does not fit this model: {exc}") from None
+        features = {p: entry[3] for p, entry in planned.items()}
+    expected = {}
+    for p, (fan_in, fan_out) in features.items():
+        expected[f"{p}/lora_A"] = (fan_in, config.rank)
+        expected[f"{p}/lora_B"] = (config.rank, fan_out)
+    weights_path = _read_tensors(directory, meta, expected)
+    extra_names = meta.get("extra_weights") or []
+    extra_path = None
+    if extra_names:
+        variables = {v.path: v for v in model.weights}
+        unknown = [n for n in extra_names if n not in variables]
+        if unknown:
+            raise AdapterError(f"extra weight(s) {unknown[:4]} name no variable of this model")
+        if "extra_sha256" not in meta:
+            raise AdapterError(f"{CONFIG_NAME} lists extra_weights but has no 'extra_sha256'")
+        extra_expected = {n: tuple(variables[n].shape) for n in extra_names}
+        extra_path = _read_tensors(directory, meta, extra_expected, EXTRA_NAME, "extra_sha256")
+
+    # All checks passed: change the model.
+    if planned is not None:
+        apply_plan(model, config, planned)
+    wrappers = {w.path: w for w in lora_layers(model)}
+    with safe_open(weights_path, framework="numpy") as f:
+        for p in paths:
+            w = wrappers[p]
+            w.lora_A.assign(f.get_tensor(f"{p}/lora_A").astype(np.float32))
+            w.lora_B.assign(f.get_tensor(f"{p}/lora_B").astype(np.float32))
+            w.lora_A.trainable = trainable
+            w.lora_B.trainable = trainable
+    if extra_path is not None:
+        variables = {v.path: v for v in model.weights}
+        with safe_open(extra_path, framework="numpy") as f:
+            for n in extra_names:
+                variables[n].assign(f.get_tensor(n))
+                variables[n].trainable = trainable
+    _reset_compiled_functions(model)
+    return make_report(model)
+
+
+def merge_and_unload(model):
+    """Merge every adapter into its kernel and put the original layers back.
+
+    Returns the same model object, now a plain keras-hub model: no lora3 layer
+    is left, the kernels hold `W + s * A @ B`, and the trainable flags are those
+    the model had before `apply_lora`. Its `save_to_preset` directory loads with
+    stock keras-hub.
+    """
+    wrappers = lora_layers(model)
+    if not wrappers:
+        raise AdapterError("the model has no LoRA layers to merge")
+    table = _parents_of(model)
+    state = getattr(model, STATE_ATTR, None) or {}
+    for w in wrappers:
+        w.merge()
+        for parent in table[id(w)][1]:
+            _swap(parent, w, w.wrapped)
+        w.wrapped.trainable = state.get("wrapped_trainable", {}).get(w.path, True)
+    for _, (variable, flag) in state.get("trainable_flags", {}).items():
+        variable.trainable = flag
+    if "get_config" in vars(model):
+        object.__delattr__(model, "get_config")
+    if STATE_ATTR in vars(model):
+        object.__delattr__(model, STATE_ATTR)
+    _reset_compiled_functions(model)
+    return model

@@ -1,0 +1,133 @@
+"""Choosing the Keras backend: the one place that imports keras first.
+
+`KERAS_BACKEND` is read once, at the first `import keras` (also when keras_hub or a W&B Keras
+callback imports it). So `select()` sets it and then imports keras; if keras is already imported
+with another backend, it raises `BackendMismatch` and the caller runs the job in a fresh process
+(`lora3.run` does that for multiruns over `backend=`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+BACKENDS = ("jax", "tensorflow")
+
+
+class BackendMismatch(RuntimeError):
+    """keras is already imported in this process with a different backend."""
+
+
+def imported_backend() -> str | None:
+    """The backend of the keras already imported in this process, or None."""
+    if "keras" not in sys.modules:
+        return None
+    keras = sys.modules["keras"]
+    try:
+        return keras.backend.backend()
+    except AttributeError:  # a half-imported keras
+        return None
+
+
+def _quiet_env():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # JAX on CPU: keep one process from grabbing every thread pool it can.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def select(backend: str):
+    """Makes `backend` the Keras backend of this process and returns the keras module."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not valid; valid: {', '.join(BACKENDS)}")
+    current = imported_backend()
+    if current is not None and current != backend:
+        raise BackendMismatch(
+            f"keras is already imported with backend {current!r} in this process; "
+            f"backend={backend!r} needs a fresh process"
+        )
+    if current is None:
+        os.environ["KERAS_BACKEND"] = backend
+        _quiet_env()
+    import keras
+
+    actual = keras.backend.backend()
+    if actual != backend:  # e.g. keras imported half-way through by something else
+        raise BackendMismatch(f"asked for backend {backend!r} but keras runs on {actual!r}")
+    import warnings
+
+    # keras-hub's T5 attention layers warn on every trace that they drop Keras masks (they use their own).
+    warnings.filterwarnings("ignore", message=".*does not support masking and will therefore destroy the mask.*")
+    return keras
+
+
+def versions() -> dict:
+    """Versions of lora3, keras, keras-hub, the backend library and Python."""
+    import platform
+
+    import lora3
+
+    out = {"lora3": lora3.__version__, "python": platform.python_version()}
+    for name in ("keras", "keras_hub", "jax", "jaxlib", "tensorflow", "numpy", "wandb", "sacrebleu"):
+        mod = sys.modules.get(name)
+        if mod is None and name in ("keras", "keras_hub"):
+            continue
+        if mod is None:
+            backend = imported_backend()
+            if name in ("jax", "jaxlib") and backend != "jax" or name == "tensorflow" and backend != "tensorflow":
+                continue
+            try:
+                import importlib.metadata as md
+
+                out[name] = md.version(name)
+            except Exception:
+                pass
+            continue
+        out[name] = getattr(mod, "__version__", None)
+    return out
+
+
+def devices() -> list[str]:
+    backend = imported_backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            return [str(d) for d in jax.devices()]
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return [d.name for d in tf.config.list_logical_devices()]
+    except Exception:
+        pass
+    return []
+
+
+def peak_memory() -> dict:
+    """Peak host RSS (bytes) and, where the backend reports it, peak accelerator memory."""
+    out = {}
+    try:
+        import resource
+
+        out["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except Exception:
+        pass
+    backend = imported_backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            dev = jax.devices()[0]
+            if dev.platform != "cpu":
+                stats = dev.memory_stats() or {}
+                if "peak_bytes_in_use" in stats:
+                    out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+        elif backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_logical_devices("GPU")
+            if gpus:
+                out["device_peak_bytes"] = int(tf.config.experimental.get_memory_info(gpus[0].name)["peak"])
+    except Exception:
+        pass
+    return out

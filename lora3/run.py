@@ -1,0 +1,708 @@
+"""The experiment app: `python -m lora3.run rank=8 backend=jax`.
+
+One job, top to bottom (`run_job`):
+
+    validate config  ->  load data  ->  select backend, import keras  ->  build model  ->  LoRA surgery
+    ->  compile  ->  evaluate before  ->  train (eval + checkpoint every eval.every steps)
+    ->  adapter/, samples.jsonl, metrics.json  ->  W&B summary
+
+This module imports no keras at the top: `backend=` must be set as KERAS_BACKEND before keras
+is first imported. In a multirun where a job asks for a backend other than the one this process
+already imported, the job runs in a fresh `python -m lora3.run --lora3-child` process.
+
+Errors in the config or inputs stop the job before any work with a message naming the key and
+what is valid; on the command line they exit non-zero without a traceback
+(`HYDRA_FULL_ERROR=1` shows it). In a multirun a failing job records `error.json` and the sweep
+goes on; the sweep's `sweep_summary.json` lists every job's status and the exit status is 1 if
+any job failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+from lora3.errors import Lora3Error
+
+log = logging.getLogger("lora3")
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+LORA_MODES = ("lora", "full", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+BACKENDS = ("jax", "tensorflow")
+
+
+class AppConfigError(Lora3Error):
+    """A config value is of the wrong type or out of range."""
+
+
+class JobFailed(Lora3Error):
+    """A job run in a child process failed; its message is the child's."""
+
+
+# ---------------------------------------------------------------- validation (no keras)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(v):
+    return _is_int(v) and v > 0, "a positive integer"
+
+
+def _nonneg_int(v):
+    return _is_int(v) and v >= 0, "an integer >= 0"
+
+
+def _positive_num(v):
+    return _is_num(v) and v > 0, "a positive number"
+
+
+def _nonneg_num(v):
+    return _is_num(v) and v >= 0, "a number >= 0"
+
+
+def _unit_interval(v):
+    return _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"
+
+
+def _dropout(v):
+    return _is_num(v) and 0 <= v < 1, "a number in [0, 1)"
+
+
+def _bool(v):
+    return isinstance(v, bool), "true or false"
+
+
+def _one_of(*choices):
+    return lambda v: (v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+def _optional(check):
+    def f(v):
+        if v is None:
+            return True, ""
+        ok, what = check(v)
+        return ok, what + " or null"
+    return f
+
+
+def _nonempty_str(v):
+    return isinstance(v, str) and bool(v.strip()), "a non-empty string"
+
+
+def _targets(v):
+    if isinstance(v, str):
+        return bool(v.strip()), "a role, group or regex (e.g. qv, attention, all_linear) or a list of them"
+    ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(t, str) and t for t in v)
+    return ok, "a role, group or regex (e.g. qv, attention, all_linear) or a list of them"
+
+
+def _objective(v):
+    ok = isinstance(v, str) and v.split("/", 1)[0] in ("best", "final", "before") and "/" in v
+    return ok, 'a metric path like "best/val/bleu", "final/val/loss"'
+
+
+CHECKS = [
+    ("backend", _one_of(*BACKENDS)),
+    ("seed", _nonneg_int),
+    ("rank", _positive_int),
+    ("alpha", _positive_num),
+    ("targets", _targets),
+    ("resume", _bool),
+    ("lora.mode", _one_of(*LORA_MODES)),
+    ("lora.rank", _positive_int),
+    ("lora.alpha", _positive_num),
+    ("lora.targets", _targets),
+    ("lora.dropout", _dropout),
+    ("lora.rslora", _bool),
+    ("lora.init", _one_of("kaiming", "gaussian")),
+    ("trainer.max_steps", _positive_int),
+    ("trainer.batch_size", _positive_int),
+    ("trainer.lr", _positive_num),
+    ("trainer.weight_decay", _nonneg_num),
+    ("trainer.warmup_steps", _nonneg_int),
+    ("trainer.schedule", _one_of("cosine", "linear", "constant")),
+    ("trainer.min_lr_ratio", _unit_interval),
+    ("trainer.grad_clip", _optional(_positive_num)),
+    ("trainer.precision", _one_of("float32", "mixed_bfloat16", "mixed_float16")),
+    ("trainer.jit_compile", _bool),
+    ("trainer.keep_checkpoints", _positive_int),
+    ("trainer.verbose", _one_of("auto", 0, 1, 2)),
+    ("eval.every", _positive_int),
+    ("eval.num_samples", _nonneg_int),
+    ("eval.batch_size", _positive_int),
+    ("eval.max_length", _optional(_positive_int)),
+    ("eval.before", _bool),
+    ("eval.loss_samples", _optional(_positive_int)),
+    ("model.name", _nonempty_str),
+    ("model.family", _one_of("t5", "gemma", "gemma3")),
+    ("model.preset", _optional(_nonempty_str)),
+    ("data.source", _one_of("synthetic", "files", "jsonl", "wmt16")),
+    ("data.direction", _one_of("de-en", "en-de")),
+    ("data.prefix", lambda v: (isinstance(v, str), 'a string ("auto" for the T5 prefix, "" for none)')),
+    ("data.max_source_length", _positive_int),
+    ("data.max_target_length", _positive_int),
+    ("data.overlong", _one_of("truncate", "drop", "error")),
+    ("data.max_train", _optional(_positive_int)),
+    ("data.max_valid", _optional(_positive_int)),
+    ("data.train_size", _positive_int),
+    ("data.valid_size", _positive_int),
+    ("data.variant", _one_of("all", "base", "shift")),
+    ("data.valid_fraction", lambda v: (_is_num(v) and 0 < v < 1, "a number in (0, 1)")),
+    ("wandb.mode", _one_of(*WANDB_MODES)),
+    ("wandb.project", _nonempty_str),
+    ("wandb.log_every", _positive_int),
+    ("objective", _objective),
+]
+_MISSING = object()
+
+
+def _lookup(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if isinstance(node, Mapping) or hasattr(node, "keys"):
+            if part not in node:
+                return _MISSING
+            node = node[part]
+        else:
+            return _MISSING
+    return node
+
+
+def validate(cfg) -> dict:
+    """Checks every known key's type and range; returns the config as a plain resolved dict.
+
+    Raises AppConfigError naming the key, the value and what is valid, before any work is done.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise AppConfigError(f"config error{f' at {key}' if key else ''}: {msg}") from None
+    plain.pop("hydra", None)
+    problems = []
+    for key, check in CHECKS:
+        value = _lookup(plain, key)
+        if value is _MISSING:
+            continue
+        if value == "???":
+            problems.append(f"{key} is required (set {key}=...)")
+            continue
+        if key.startswith("data.") and key.split(".")[1] in ("train_size", "valid_size", "variant") \
+                and _lookup(plain, "data.source") != "synthetic":
+            continue
+        ok, what = check(value)
+        if not ok:
+            problems.append(f"{key}={value!r} is not valid: it must be {what}")
+    if problems:
+        raise AppConfigError("invalid config: " + "; ".join(problems))
+    lora_cfg = plain.get("lora", {})
+    if lora_cfg.get("mode", "lora") == "lora":
+        lora_config(lora_cfg)  # LoraConfig's own checks (they name the field)
+    return plain
+
+
+def lora_config(lora_cfg: Mapping[str, Any]):
+    from lora3.config import LoraConfig
+    from lora3.errors import LoraConfigError
+
+    targets = lora_cfg.get("targets", "qv")
+    if isinstance(targets, (list, tuple)):
+        targets = list(targets)
+    layers = lora_cfg.get("layers")
+    if isinstance(layers, (list, tuple)):
+        layers = list(layers)
+    try:
+        return LoraConfig(
+            rank=lora_cfg.get("rank", 8), alpha=lora_cfg.get("alpha", 16), targets=targets,
+            dropout=lora_cfg.get("dropout", 0.0), rslora=lora_cfg.get("rslora", False),
+            init=lora_cfg.get("init", "kaiming"), layers=layers,
+            train_also=list(lora_cfg.get("train_also") or []),
+        )
+    except LoraConfigError as e:
+        raise AppConfigError(f"invalid lora config: {e}") from None
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _atomic_write_text(path: Path, text: str):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dump_yaml(plain: dict) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(plain))
+
+
+def _objective_value(metrics: Mapping[str, Any], objective: str):
+    where, key = objective.split("/", 1)
+    value = (metrics.get(where) or {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
+def _run_name(plain: dict) -> str:
+    lora = plain["lora"]
+    mode = lora.get("mode", "lora")
+    tag = f"r{lora.get('rank')}-a{lora.get('alpha'):g}" if mode == "lora" else mode
+    return f"{plain['model']['name']}-{plain['data'].get('name', 'data')}-{tag}-{plain['backend']}-s{plain['seed']}"
+
+
+def _check_output_dir(out: Path, resume: bool):
+    """Refuses to overwrite a finished or unfinished run unless resume=true."""
+    metrics = out / "metrics.json"
+    if metrics.is_file() and not resume:
+        raise AppConfigError(
+            f"{out} already holds a finished run (metrics.json); choose another hydra.run.dir, "
+            "or pass resume=true to report it again"
+        )
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*")) and not resume:
+        raise AppConfigError(
+            f"{out} holds an unfinished run (checkpoints/); pass resume=true to continue it, "
+            "or choose another hydra.run.dir"
+        )
+
+
+# ---------------------------------------------------------------- the job
+
+
+def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None = None,
+            callbacks: tuple = ()) -> dict:
+    """Runs one experiment in this process and returns its metrics (also written to metrics.json).
+
+    `cfg` is a composed config (DictConfig or plain dict); `job` carries Hydra's view of the job
+    (choices, multirun, sweep dir) when there is one. Raises on failure; the W&B run is finished
+    either way.
+    """
+    t_start = time.perf_counter()
+    job = dict(job or {})
+    plain = validate(cfg)                                       # 1. config: fail before any work
+    out = Path(output_dir).resolve()
+    _check_output_dir(out, plain["resume"])
+    if plain["resume"] and (out / "metrics.json").is_file():
+        metrics = json.loads((out / "metrics.json").read_text())
+        log.info("resume=true: %s already finished; nothing to do", out)
+        return metrics
+
+    from lora3 import data as data_mod                          # 2. data (no keras needed)
+
+    seed = plain["seed"]
+    data = data_mod.load(plain["data"], seed=seed)
+
+    from lora3 import backend                                   # 3. backend, then keras
+
+    keras = backend.select(plain["backend"])
+    keras.backend.clear_session()  # a multirun reuses this process: drop the previous job's graph
+    keras.config.set_dtype_policy(plain["trainer"]["precision"])
+    keras.utils.set_random_seed(seed)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out / "config.yaml", _dump_yaml(plain))
+
+    from lora3 import evaluate as ev                            # 4. tracking
+    from lora3 import tracking
+
+    group = plain["wandb"].get("group") or job.get("sweep_group")
+    run_id_file = out / ".wandb_run_id"
+    run_id = run_id_file.read_text().strip() if plain["resume"] and run_id_file.is_file() else None
+    flat = tracking.flatten({k: v for k, v in plain.items() if k != "wandb"})
+    flat.update({"backend": keras.backend.backend(), "choices": job.get("choices", {}),
+                 "data.fingerprint": data.info["fingerprint"], "output_dir": str(out)})
+    tags = [plain["model"]["name"], plain["lora"]["mode"], keras.backend.backend(), data.info["name"],
+            *plain["wandb"].get("tags", [])]
+    tracker = tracking.start(
+        mode=plain["wandb"]["mode"], project=plain["wandb"]["project"], entity=plain["wandb"].get("entity"),
+        config=flat, directory=out, name=plain["wandb"].get("name") or _run_name(plain), group=group,
+        tags=tags, run_id=run_id,
+    )
+    if tracker.id:
+        _atomic_write_text(run_id_file, tracker.id)
+    exit_code = 1
+    try:
+        metrics = _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_start)
+        exit_code = 0
+        return metrics
+    finally:
+        tracker.finish(exit_code)
+
+
+def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_start) -> dict:
+    from lora3 import backend, models, train as tr
+    from lora3 import evaluate as ev
+
+    seed, trainer, ev_cfg, lora_cfg = plain["seed"], plain["trainer"], plain["eval"], plain["lora"]
+    mode = lora_cfg["mode"]
+    src_len, tgt_len = plain["data"]["max_source_length"], plain["data"]["max_target_length"]
+    gen_len = ev_cfg.get("max_length") or tgt_len
+
+    # 5. model
+    bundle = models.build(plain["model"], data.tokenizer_texts(), seed=seed, cache_dir=plain.get("cache_dir"))
+    model = bundle.model
+
+    # 6. LoRA surgery (or full fine-tuning / frozen base)
+    import lora3
+
+    if mode == "lora":
+        report = lora3.apply_lora(model, lora_config(lora_cfg))
+        params = {"trainable": report.trainable_params, "total": report.total_params,
+                  "trainable_percent": report.percent, "lora": report.lora_params,
+                  "adapted_layers": len(report.rows)}
+        print(report.table(max_rows=12) if hasattr(report, "table") else str(report), flush=True)
+    else:
+        model.trainable = mode == "full"
+        total = int(sum(math.prod(v.shape) for v in model.weights))
+        trainable = int(sum(math.prod(v.shape) for v in model.trainable_weights))
+        params = {"trainable": trainable, "total": total,
+                  "trainable_percent": 100.0 * trainable / total if total else 0.0}
+    max_steps = trainer["max_steps"] if mode != "none" else 0
+    tr.compile_model(bundle, trainer, max(1, max_steps))
+
+    # 7. arrays for training and for teacher-forced validation
+    overlong = plain["data"]["overlong"]
+    train_arrays = val_arrays = None
+    if mode != "none":
+        *train_arrays, tstats = bundle.encode(data.inputs("train"), data.targets("train"), src_len, tgt_len,
+                                              overlong=overlong, what="train")
+        train_arrays = tuple(train_arrays)
+    n_loss = ev_cfg.get("loss_samples") or len(data.valid)
+    *val_arrays, vstats = bundle.encode(data.inputs("valid")[:n_loss], data.targets("valid")[:n_loss],
+                                        src_len, tgt_len, overlong="error" if overlong == "error" else "truncate",
+                                        what="validation")
+    val_arrays = tuple(val_arrays)
+    n_bleu = min(ev_cfg["num_samples"], len(data.valid))
+    subset = dict(sources=data.sources("valid")[:n_bleu], inputs=data.inputs("valid")[:n_bleu],
+                  references=data.targets("valid")[:n_bleu])
+
+    def evaluate_fn(step: int) -> dict:
+        return ev.evaluate(bundle, **subset, arrays=val_arrays, batch_size=ev_cfg["batch_size"],
+                           src_len=src_len, max_length=gen_len)
+
+    print(f"[lora3] {plain['model']['name']} on {keras.backend.backend()}: {params['total']:,} params, "
+          f"{params['trainable']:,} trainable ({params['trainable_percent']:.3f}%); "
+          f"data {data.info['name']} {len(data.train)} train / {len(data.valid)} valid pairs", flush=True)
+    tracker.summary({"params/trainable": params["trainable"], "params/total": params["total"],
+                     "params/trainable_percent": params["trainable_percent"]})
+
+    # 8. evaluate before training
+    before = {}
+    resuming = plain["resume"] and tr.list_checkpoints(out)
+    if (ev_cfg["before"] or mode == "none") and not resuming:
+        before = evaluate_fn(0)
+        tracker.log({k: v for k, v in before.items() if k.startswith("val/")}, step=0)
+        print(f"[lora3] before training: val/loss={before.get('val/loss', float('nan')):.4f} "
+              f"val/bleu={before.get('val/bleu', float('nan')):.2f} val/chrf={before.get('val/chrf', float('nan')):.2f}",
+              flush=True)
+    elif resuming and (out / ".before.json").is_file():
+        before = json.loads((out / ".before.json").read_text())
+    if before:
+        _atomic_write_text(out / ".before.json", json.dumps({k: v for k, v in before.items() if k != "samples"}))
+
+    # 9. train
+    if mode != "none":
+        tokens_per_step = tstats["tokens"] / max(1, tstats["pairs"]) * trainer["batch_size"]
+        result = tr.train(
+            bundle, train_arrays, trainer=trainer, max_steps=max_steps, eval_every=ev_cfg["every"], seed=seed,
+            out_dir=out, evaluate_fn=lambda step: _remember(evaluate_fn(step)), tracker=tracker,
+            log_every=plain["wandb"]["log_every"], resume=plain["resume"], callbacks=callbacks,
+            tokens_per_step=tokens_per_step,
+        )
+        final_scores = _LAST.get("scores") or evaluate_fn(max_steps)
+    else:
+        result = {"history": [], "best": {}, "last": {}, "perf": {}, "resumed_from": None}
+        final_scores = before
+
+    # 10. outputs: adapter / full model, samples, metrics (each written atomically)
+    outputs = {}
+    if mode == "lora":
+        outputs["adapter"] = lora3.save_adapter(model, out / "adapter")
+    elif mode == "full":
+        outputs["model"] = _save_full(model, out / "model")
+    samples = final_scores.get("samples", [])
+    before_h = {s["source"]: s["hypothesis"] for s in before.get("samples", [])}
+    lines = [json.dumps({**s, **({"hypothesis_before": before_h[s["source"]]} if s["source"] in before_h else {})},
+                        ensure_ascii=False) for s in samples]
+    _atomic_write_text(out / "samples.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+    outputs["samples"] = str(out / "samples.jsonl")
+    if samples:
+        tracker.table("val/samples", ["source", "reference", "hypothesis"],
+                      [[s["source"], s["reference"], s["hypothesis"]] for s in samples[:50]], step=max_steps)
+
+    final = {k: v for k, v in final_scores.items() if k.startswith("val/")}
+    final.update({"train/loss": result["last"].get("train/loss")} if result["last"] else {})
+    best = dict(result["best"]) or {k: v for k, v in final.items() if k in ("val/bleu", "val/chrf", "val/loss")}
+    perf = dict(result["perf"])
+    perf.update(backend.peak_memory())
+    perf["wall_seconds"] = time.perf_counter() - t_start
+    outputs["wandb_run_dir"] = tracker.dir
+    outputs["wandb_sync"] = tracker.sync_command()
+    metrics = {
+        "status": "finished",
+        "backend": keras.backend.backend(),
+        "lora3_version": lora3.__version__,
+        "versions": backend.versions(),
+        "devices": backend.devices(),
+        "seed": seed,
+        "lora_mode": mode,
+        "model": bundle.info,
+        "data": data.info,
+        "params": params,
+        "steps": max_steps,
+        "resumed_from": result["resumed_from"],
+        "before": {k: v for k, v in before.items() if k.startswith("val/")},
+        "final": final,
+        "best": best,
+        "history": result["history"],
+        "perf": perf,
+        "signatures": final_scores.get("signatures", {}),
+        "outputs": outputs,
+        "choices": dict(job.get("choices", {})),
+    }
+    metrics["objective"] = {"name": plain["objective"], "value": _objective_value(metrics, plain["objective"])}
+    tracker.summary({f"final/{k}": v for k, v in final.items() if v is not None})
+    tracker.summary({f"best/{k}": v for k, v in best.items()})
+    tracker.summary({f"before/{k}": v for k, v in metrics["before"].items()})
+    tracker.summary({k: v for k, v in [("perf/tokens_per_s", perf.get("tokens_per_s")),
+                                       ("perf/wall_seconds", perf["wall_seconds"]),
+                                       ("perf/host_peak_rss_bytes", perf.get("host_peak_rss_bytes"))] if v is not None})
+    if perf.get("tokens_per_s"):
+        tracker.log({"perf/tokens_per_s": perf["tokens_per_s"]}, step=max_steps)
+    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, ensure_ascii=False, default=str))
+    _print_summary(metrics, out)
+    return metrics
+
+
+_LAST: dict = {}
+
+
+def _remember(scores):
+    _LAST["scores"] = scores
+    return scores
+
+
+def _save_full(model, target: Path) -> str:
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=target.parent))
+    try:
+        model.save_to_preset(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
+
+
+def _print_summary(m: dict, out: Path):
+    b, f = m["before"], m["final"]
+    lines = [
+        "",
+        f"[lora3] done in {m['perf']['wall_seconds']:.1f}s on {m['backend']}",
+        f"  trainable     {m['params']['trainable']:,} of {m['params']['total']:,} params "
+        f"({m['params']['trainable_percent']:.3f}%)",
+    ]
+    if f.get("train/loss") is not None:
+        lines.append(f"  train loss    {f['train/loss']:.4f} (last window)")
+    if "val/loss" in f:
+        lines.append(f"  val loss      {b.get('val/loss', float('nan')):.4f} -> {f['val/loss']:.4f}")
+    if "val/bleu" in f:
+        lines.append(f"  val BLEU      {b.get('val/bleu', float('nan')):.2f} -> {f['val/bleu']:.2f} "
+                     f"(best {m['best'].get('val/bleu', f['val/bleu']):.2f})")
+        lines.append(f"  val chrF      {b.get('val/chrf', float('nan')):.2f} -> {f['val/chrf']:.2f}")
+    if m["perf"].get("tokens_per_s"):
+        lines.append(f"  speed         {m['perf']['tokens_per_s']:,.0f} tokens/s")
+    for key in ("adapter", "model"):
+        if key in m["outputs"]:
+            lines.append(f"  {key:<13} {m['outputs'][key]}")
+    lines.append(f"  metrics       {out / 'metrics.json'}")
+    if m["outputs"].get("wandb_run_dir"):
+        lines.append(f"  W&B run       {m['outputs']['wandb_run_dir']}")
+    if m["outputs"].get("wandb_sync"):
+        lines.append(f"  upload with   {m['outputs']['wandb_sync']}")
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------- one process per backend
+
+
+def run_in_child(plain: dict, output_dir: str, job: Mapping[str, Any]) -> dict:
+    """Runs the job in a fresh Python process (for a backend other than the imported one)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / ".lora3_child_job.json"
+    _atomic_write_text(spec, json.dumps({"config": plain, "output_dir": str(out), "job": dict(job)}))
+    env = dict(os.environ, KERAS_BACKEND=plain["backend"])
+    log.info("backend=%s differs from this process's keras backend: running the job in a new process",
+             plain["backend"])
+    proc = subprocess.run([sys.executable, "-m", "lora3.run", "--lora3-child", str(spec)], env=env)
+    spec.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        err = out / "error.json"
+        msg = json.loads(err.read_text()).get("error") if err.is_file() else f"exit status {proc.returncode}"
+        raise JobFailed(f"job in child process failed: {msg}")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _child_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["output_dir"])
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(out / "run.log")])
+    try:
+        run_job(spec["config"], out, job=spec["job"])
+        return 0
+    except Exception as e:
+        _report_failure(e, out, multirun=True)
+        return 1
+
+
+# ---------------------------------------------------------------- Hydra entry point
+
+
+def _report_failure(e: BaseException, out: Path | None, multirun: bool):
+    expected = isinstance(e, Lora3Error)
+    msg = str(e) if expected else f"{type(e).__name__}: {e}"
+    if expected:
+        log.error("%s", msg)
+    else:
+        log.error("unexpected error: %s\n%s", msg, traceback.format_exc())
+    if multirun and out is not None:
+        try:
+            _atomic_write_text(Path(out) / "error.json", json.dumps(
+                {"status": "failed", "error": msg, "type": type(e).__name__}, indent=1))
+        except OSError:
+            pass
+
+
+def _job_info() -> dict:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    info = {"multirun": multirun, "choices": {k: v for k, v in hc.runtime.choices.items()
+                                             if not k.startswith("hydra")},
+            "overrides": list(hc.overrides.task)}
+    if multirun:
+        sweep = Path(hc.sweep.dir)
+        info.update(sweep_dir=str(sweep), sweep_group=f"{sweep.parent.name}_{sweep.name}", job_num=hc.job.num)
+    return info
+
+
+def hydra_task(cfg) -> float:
+    """The Hydra task function: one job. Returns the objective (NaN when the job failed)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lora3 import backend
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    job = _job_info()
+    try:
+        plain = validate(cfg)
+        have = backend.imported_backend()
+        if have is not None and have != plain["backend"]:
+            metrics = run_in_child(plain, str(out), job)
+        else:
+            metrics = run_job(cfg, out, job=job)
+        return _objective_value(metrics, plain["objective"])
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if isinstance(e, JobFailed):  # the child already reported it
+            log.error("%s", e)
+        else:
+            _report_failure(e, out, job["multirun"])
+        if job["multirun"]:
+            return float("nan")
+        raise SystemExit(1)
+
+
+class SweepSummary:
+    """Hydra callback: after a multirun, writes sweep_summary.json (every job's status, metrics or error),
+    prints it, and exits with status 1 if any job failed."""
+
+    def __new__(cls, *args, **kwargs):
+        from hydra.experimental.callback import Callback
+
+        class _SweepSummary(Callback):
+            def on_multirun_end(self, config, **kwargs):
+                summary = summarize_sweep(Path(config.hydra.sweep.dir))
+                failed = [j for j in summary["jobs"] if j["status"] != "finished"]
+                print(f"\n[lora3] sweep {summary['sweep_dir']}: {len(summary['jobs']) - len(failed)} finished, "
+                      f"{len(failed)} failed", flush=True)
+                for j in summary["jobs"]:
+                    detail = (f"bleu={j['best_val_bleu']:.2f}" if j.get("best_val_bleu") is not None
+                              else j.get("error", ""))
+                    print(f"  {j['job']:<4} {j['status']:<9} {j['backend'] or '':<11} {j['overrides']}  {detail}")
+                if failed:
+                    raise SystemExit(1)
+
+        return _SweepSummary()
+
+
+def summarize_sweep(sweep_dir: Path) -> dict:
+    jobs = []
+    for d in sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()),
+                    key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)):
+        overrides = []
+        try:
+            from omegaconf import OmegaConf
+
+            overrides = list(OmegaConf.load(d / ".hydra" / "overrides.yaml"))
+        except Exception:
+            pass
+        entry = {"job": d.name, "dir": str(d), "overrides": " ".join(overrides), "backend": None}
+        if (d / "metrics.json").is_file():
+            m = json.loads((d / "metrics.json").read_text())
+            entry.update(status="finished", backend=m.get("backend"), best_val_bleu=m["best"].get("val/bleu"),
+                         final=m.get("final"), objective=m.get("objective", {}).get("value"),
+                         trainable_percent=m["params"]["trainable_percent"])
+        elif (d / "error.json").is_file():
+            entry.update(status="failed", error=json.loads((d / "error.json").read_text()).get("error"))
+        else:
+            entry.update(status="failed", error="no metrics.json or error.json (killed?)")
+        jobs.append(entry)
+    summary = {"sweep_dir": str(sweep_dir), "jobs": jobs}
+    _atomic_write_text(sweep_dir / "sweep_summary.json", json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def main():
+    if len(sys.argv) >= 3 and sys.argv[1] == "--lora3-child":
+        sys.exit(_child_main(sys.argv[2]))
+    import hydra
+
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(hydra_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""Training, nanoGPT-style: one loop you can read top to bottom.
+
+    compile_model(bundle, trainer_cfg, max_steps)        # AdamW, warm-up + decay, clipping, jit
+    result = train(bundle, arrays, ..., evaluate_fn=...)  # fit one eval period at a time
+
+The run is split into evaluation periods of `eval_every` steps. Each period is one Keras
+`fit()` epoch over exactly the batches of those steps (the compiled train step is reused), then
+evaluation, then an atomic checkpoint. Batch `s` of the run is a pure function of
+(seed, s), so `resume=true` restarts from the last checkpoint and sees the same batches an
+uninterrupted run would have seen.
+
+Checkpoints: `checkpoints/step-<n>/` holding `state.npz` (trainable variables, optimizer
+variables, RNG seed-generator states) and `meta.json` (step, history, best metrics). Each is
+written into a temporary directory and renamed into place, so a directory named `step-<n>` is
+always complete, and an interrupted write is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from lora3.errors import Lora3Error
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+class TrainingError(Lora3Error):
+    """Training cannot continue: a non-finite loss, a checkpoint that does not fit the model."""
+
+
+# ---------------------------------------------------------------- learning rate
+
+
+def lr_at(step: int, *, peak: float, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """The learning rate for optimizer step `step` (0-based), in plain Python (for logging)."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = peak * min_ratio
+    if schedule == "linear":
+        return floor + (peak - floor) * (1.0 - progress)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_schedule(peak: float, warmup: int, total: int, schedule: str, min_ratio: float):
+    import keras
+    from keras import ops
+
+    class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+        """Linear warm-up to `peak`, then cosine or linear decay to `peak * min_ratio`."""
+
+        def __call__(self, step):
+            step = ops.cast(step, "float32")
+            warm = peak * (step + 1.0) / max(1, warmup)
+            progress = ops.clip((step - warmup) / max(1, total - warmup), 0.0, 1.0)
+            floor = peak * min_ratio
+            if schedule == "constant" or total <= warmup:
+                decayed = ops.convert_to_tensor(peak, "float32") + 0.0 * step
+            elif schedule == "linear":
+                decayed = floor + (peak - floor) * (1.0 - progress)
+            else:
+                decayed = floor + (peak - floor) * 0.5 * (1.0 + ops.cos(math.pi * progress))
+            return ops.where(step < warmup, warm, decayed) if warmup > 0 else decayed
+
+        def get_config(self):
+            return dict(peak=peak, warmup=warmup, total=total, schedule=schedule, min_ratio=min_ratio)
+
+    return WarmupDecay()
+
+
+def compile_model(bundle, trainer: Mapping[str, Any], max_steps: int):
+    """Compiles the task model: AdamW + schedule + clipping, masked loss and token accuracy, greedy sampler."""
+    import keras
+
+    schedule = make_schedule(float(trainer["lr"]), int(trainer["warmup_steps"]), max(1, int(max_steps)),
+                             trainer["schedule"], float(trainer["min_lr_ratio"]))
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule,
+        weight_decay=float(trainer["weight_decay"]),
+        global_clipnorm=None if trainer.get("grad_clip") in (None, 0) else float(trainer["grad_clip"]),
+    )
+    optimizer.exclude_from_weight_decay(var_names=["layer_norm", "layernorm", "bias", "norm"])
+    bundle.model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        sampler="greedy",
+        jit_compile=bool(trainer.get("jit_compile", True)),
+    )
+    return optimizer
+
+
+# ---------------------------------------------------------------- data order
+
+
+def batch_indices(n: int, batch_size: int, start_step: int, end_step: int, seed: int) -> np.ndarray:
+    """Example indices for steps [start_step, end_step): a stream of per-pass permutations of range(n)."""
+    first = start_step * batch_size
+    last = end_step * batch_size
+    out, pos = [], first
+    while pos < last:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(n - offset, last - pos)
+        out.append(perm[offset: offset + take])
+        pos += take
+    return np.concatenate(out) if out else np.zeros((0,), dtype="int64")
+
+
+def _take(arrays, idx):
+    x, y, sw = arrays
+    return {k: v[idx] for k, v in x.items()}, y[idx], sw[idx]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _state_variables(model):
+    """Variables a checkpoint holds: trainable weights, optimizer slots, RNG seed-generator states."""
+    seeds = [v for v in model.non_trainable_variables if "seed_generator" in v.path]
+    return {"trainable": list(model.trainable_variables), "optimizer": list(model.optimizer.variables),
+            "seeds": seeds}
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    good = []
+    for p in root.glob("step-*"):
+        if p.is_dir() and (p / "meta.json").is_file() and (p / "state.npz").is_file():
+            try:
+                good.append((int(p.name.split("-")[1]), p))
+            except ValueError:
+                continue
+    return [p for _, p in sorted(good)]
+
+
+def save_checkpoint(model, out_dir: Path, step: int, meta: dict, keep: int = 2) -> Path:
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    groups = _state_variables(model)
+    arrays, names = {}, {}
+    for group, variables in groups.items():
+        names[group] = [v.path for v in variables]
+        for i, v in enumerate(variables):
+            arrays[f"{group}/{i}"] = np.asarray(v.numpy() if hasattr(v, "numpy") else v.value)
+    with open(tmp / "state.npz", "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    meta = dict(meta, step=step, variables=names)
+    with open(tmp / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1, default=float)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(model, path: Path) -> dict:
+    """Restores a checkpoint written by `save_checkpoint` into a compiled model; returns its meta."""
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    groups = _state_variables(model)
+    with np.load(Path(path) / "state.npz") as state:
+        for group, variables in groups.items():
+            saved = meta["variables"].get(group, [])
+            current = [v.path for v in variables]
+            if saved != current:
+                raise TrainingError(
+                    f"checkpoint {path} does not fit this model ({group}: {len(saved)} saved variables vs "
+                    f"{len(current)} now); resume with the same config, or start a new run directory"
+                )
+            for i, v in enumerate(variables):
+                v.assign(state[f"{group}/{i}"])
+    return meta
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class StepLogger:
+    """Keras callback: logs train/loss (mean over the last `every` steps), train/lr, non-finite guard."""
+
+    def __new__(cls, *args, **kwargs):
+        import keras
+
+        class _StepLogger(keras.callbacks.Callback):
+            def __init__(self, tracker, every, first_step, lr_fn):
+                super().__init__()
+                self.tracker, self.every, self.first_step, self.lr_fn = tracker, max(1, every), first_step, lr_fn
+                self.k_prev, self.m_prev = 0, 0.0
+                self.nonfinite_step = None
+                self.last_loss = None
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.k_prev, self.m_prev = 0, 0.0
+
+            def on_train_batch_end(self, batch, logs=None):
+                logs = logs or {}
+                if "loss" not in logs:
+                    return
+                k = batch + 1
+                mean = float(logs["loss"])
+                step = self.first_step + batch + 1  # optimizer steps done
+                if not math.isfinite(mean):
+                    self.nonfinite_step = step
+                    self.model.stop_training = True
+                    return
+                if k - self.k_prev >= self.every or step % self.every == 0:
+                    # Keras reports the running mean since the epoch began; recover the window's mean.
+                    window = (k * mean - self.k_prev * self.m_prev) / (k - self.k_prev)
+                    self.last_loss = window
+                    self.tracker.log({"train/loss": window, "train/lr": self.lr_fn(step - 1),
+                                      "train/step": step}, step=step)
+                    self.k_prev, self.m_prev = k, mean
+
+        return _StepLogger(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(
+    bundle,
+    train_arrays: tuple,
+    *,
+    trainer: Mapping[str, Any],
+    max_steps: int,
+    eval_every: int,
+    seed: int,
+    out_dir: str | os.PathLike,
+    evaluate_fn: Callable[[int], dict],
+    tracker,
+    log_every: int = 10,
+    resume: bool = False,
+    meta_extra: Mapping[str, Any] | None = None,
+    callbacks: tuple = (),
+    tokens_per_step: float | None = None,
+) -> dict:
+    """Trains for `max_steps`, evaluating and checkpointing every `eval_every` steps.
+
+    `evaluate_fn(step)` returns a dict of `val/*` metrics (and optionally `samples`).
+    Returns {"history": [...], "best": {...}, "last": {...}, "perf": {...}, "resumed_from": step|None}.
+    """
+    model = bundle.model
+    out_dir = Path(out_dir)
+    n = len(train_arrays[1])
+    batch_size = int(trainer["batch_size"])
+    lr_kwargs = dict(peak=float(trainer["lr"]), warmup=int(trainer["warmup_steps"]), total=max_steps,
+                     schedule=trainer["schedule"], min_ratio=float(trainer["min_lr_ratio"]))
+    verbose = trainer.get("verbose", "auto")
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    keep = int(trainer.get("keep_checkpoints", 2))
+
+    # 1. where do we start?
+    history: list[dict] = []
+    best: dict = {}
+    step = 0
+    resumed_from = None
+    if resume:
+        ckpts = list_checkpoints(out_dir)
+        if ckpts:
+            meta = load_checkpoint(model, ckpts[-1])
+            step, history, best = int(meta["step"]), meta.get("history", []), meta.get("best", {})
+            resumed_from = step
+            print(f"[lora3] resumed from {ckpts[-1]} (step {step} of {max_steps})", flush=True)
+        else:
+            print(f"[lora3] resume=true but no checkpoint in {out_dir / 'checkpoints'}: starting at step 0",
+                  flush=True)
+
+    # 2. one fit() epoch per evaluation period
+    fit_time, fit_steps, compile_time = 0.0, 0, None
+    periods = math.ceil(max_steps / eval_every)
+    while step < max_steps:
+        period = step // eval_every
+        end = min(max_steps, (period + 1) * eval_every)
+        x, y, sw = _take(train_arrays, batch_indices(n, batch_size, step, end, seed))
+        logger = StepLogger(tracker, log_every, step, lambda s: lr_at(s, **lr_kwargs))
+        if verbose:
+            print(f"[lora3] steps {step + 1}-{end} of {max_steps}", flush=True)
+        preprocessor = model.preprocessor
+        model.preprocessor = None  # arrays are already tokenised and packed
+        t0 = time.perf_counter()
+        try:
+            model.fit(x=x, y=y, sample_weight=sw, batch_size=batch_size, shuffle=False,
+                      epochs=period + 1, initial_epoch=period, verbose=verbose,
+                      callbacks=[logger, *callbacks])
+        finally:
+            model.preprocessor = preprocessor
+        dt = time.perf_counter() - t0
+        if logger.nonfinite_step is not None:
+            last = list_checkpoints(out_dir)
+            raise TrainingError(
+                f"non-finite training loss at step {logger.nonfinite_step}; "
+                f"last good checkpoint: {last[-1] if last else 'none'} (lower trainer.lr, or check the data)"
+            )
+        if compile_time is None and fit_steps == 0 and periods > 1:
+            compile_time = dt  # the first period includes tracing and compilation
+        else:
+            fit_time += dt
+            fit_steps += end - step
+        step = end
+
+        # 3. evaluate
+        scores = evaluate_fn(step)
+        record = {"step": step, "train/loss": logger.last_loss, "train/lr": lr_at(step - 1, **lr_kwargs),
+                  **{k: v for k, v in scores.items() if k.startswith("val/")}}
+        history.append(record)
+        tracker.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+        if "val/bleu" in record and record["val/bleu"] >= best.get("val/bleu", -1.0):
+            best.update({"val/bleu": record["val/bleu"], "val/bleu_step": step})
+        if "val/chrf" in record and record["val/chrf"] >= best.get("val/chrf", -1.0):
+            best.update({"val/chrf": record["val/chrf"], "val/chrf_step": step})
+        if "val/loss" in record and record["val/loss"] <= best.get("val/loss", float("inf")):
+            best.update({"val/loss": record["val/loss"], "val/loss_step": step})
+        msg = " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+        print(f"[lora3] step {step}: {msg}", flush=True)
+
+        # 4. checkpoint (atomic)
+        save_checkpoint(model, out_dir, step, {"history": history, "best": best, **(meta_extra or {})}, keep=keep)
+
+    if fit_steps == 0 and compile_time is not None:
+        fit_time, fit_steps = compile_time, max_steps - (resumed_from or 0)
+    perf = {
+        "train_seconds": fit_time + (compile_time or 0.0),
+        "first_period_seconds": compile_time,
+        "steps_timed": fit_steps,
+        "steps_per_s": fit_steps / fit_time if fit_time > 0 else None,
+    }
+    if tokens_per_step and fit_time > 0:
+        perf["tokens_per_s"] = tokens_per_step * fit_steps / fit_time
+    return {"history": history, "best": best, "last": history[-1] if history else {}, "perf": perf,
+            "resumed_from": resumed_from}

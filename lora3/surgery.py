@@ -124,17 +124,29 @@ def _train_also_patterns(train_also):
     return patterns
 
 
-def plan(model, config: LoraConfig) -> dict:
-    """Check everything `apply_lora` would do and return `{path: (layer, role, parents)}`.
+def plan(model, config: LoraConfig, layer_paths=None) -> dict:
+    """Check everything `apply_lora` would do and return
+    `{path: (layer, role, parents, (in_features, out_features))}`.
 
     Raises before any change to the model, so a refused surgery leaves it intact.
+    `layer_paths` (used when loading an adapter) names the exact layers instead
+    of `config.targets`.
     """
     if lora_layers(model):
         raise LoraConfigError(
             "this model already has LoRA layers (surgery applied twice); "
             "use lora3.merge_and_unload(model) first, or load_adapter to replace the weights"
         )
-    chosen = find_targets(model, config.targets, config.layers)
+    if layer_paths is None:
+        chosen = find_targets(model, config.targets, config.layers)
+    else:
+        everything = find_targets(model, ".*")
+        missing = [p for p in layer_paths if p not in everything]
+        if missing:
+            raise LoraConfigError(
+                f"layer path(s) {missing[:5]} do not exist in this model (or are not Dense/EinsumDense)"
+            )
+        chosen = {p: everything[p] for p in layer_paths}
     table = _parents_of(model)
     result = {}
     for path, (layer, role) in chosen.items():
@@ -161,7 +173,7 @@ def plan(model, config: LoraConfig) -> dict:
                 f"rank={config.rank} is larger than layer {path!r} allows (in_features={fan_in}, "
                 f"out_features={fan_out}: rank must be <= {min(fan_in, fan_out)})"
             )
-        result[path] = (layer, role, parents)
+        result[path] = (layer, role, parents, (fan_in, fan_out))
     patterns = _train_also_patterns(config.train_also)
     var_paths = [v.path for v in model.weights]
     for entry, pattern in patterns:
@@ -174,7 +186,7 @@ def plan(model, config: LoraConfig) -> dict:
     return result
 
 
-def apply_lora(model, config: LoraConfig | None = None, **overrides) -> LoraReport:
+def apply_lora(model, config: LoraConfig | None = None, *, layer_paths=None, **overrides) -> LoraReport:
     """Wrap the layers `config.targets` names with LoRA, in place, and freeze the rest.
 
     Args:
@@ -200,12 +212,16 @@ def apply_lora(model, config: LoraConfig | None = None, **overrides) -> LoraRepo
         config = LoraConfig(**overrides)
     elif overrides:
         config = LoraConfig(**{**config.to_dict(), **overrides})
-    planned = plan(model, config)
+    return apply_plan(model, config, plan(model, config, layer_paths))
+
+
+def apply_plan(model, config: LoraConfig, planned: dict) -> LoraReport:
+    """Carry out a surgery `plan()` has checked."""
 
     flags = {id(v): (v, v.trainable) for v in model.weights}
     wrapped_trainable = {}
     wrappers = []
-    for path, (layer, role, parents) in planned.items():
+    for path, (layer, role, parents, _) in planned.items():
         wrapped_trainable[path] = layer.trainable
         wrapper = _wrapper_for(layer, config)
         for parent in parents:

@@ -214,3 +214,14 @@ def test_role_names_need_a_known_family():
         lora3.apply_lora(model, lora3.LoraConfig(rank=1, targets="qv"))
     report = lora3.apply_lora(model, lora3.LoraConfig(rank=1, targets=r"block/inner"))
     assert [r.path for r in report.rows] == ["block/inner"]
+
+
+def test_gemma3_role_map():
+    import keras_hub
+
+    bb = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=64, image_size=None, num_layers=2, num_query_heads=4, num_key_value_heads=2,
+        hidden_dim=16, intermediate_dim=32, head_dim=4,
+    )
+    report = lora3.apply_lora(bb, lora3.LoraConfig(rank=2, targets="all_linear"))
+    assert len(report.rows) == 14 and roles(report) == ["down", "gate", "k", "o", "q", "up", "v"]

@@ -54,7 +54,10 @@ def select(backend: str):
     actual = keras.backend.backend()
     if actual != backend:  # e.g. keras imported half-way through by something else
         raise BackendMismatch(f"asked for backend {backend!r} but keras runs on {actual!r}")
+    import logging
     import warnings
+
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
 
     # keras-hub's T5 attention layers warn on every trace that they drop Keras masks (they use their own).
     warnings.filterwarnings("ignore", message=".*does not support masking and will therefore destroy the mask.*")

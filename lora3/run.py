@@ -530,7 +530,7 @@ def _print_summary(m: dict, out: Path):
         f"({m['params']['trainable_percent']:.3f}%)",
     ]
     if f.get("train/loss") is not None:
-        lines.append(f"  train loss    {f['train/loss']:.4f} (last window)")
+        lines.append(f"  train loss    {f['train/loss']:.4f} (mean over the last eval period)")
     if "val/loss" in f:
         lines.append(f"  val loss      {b.get('val/loss', float('nan')):.4f} -> {f['val/loss']:.4f}")
     if "val/bleu" in f:

@@ -163,4 +163,18 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"wandb leet inspect failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
-    return json.loads(proc.stdout)
+    out = json.loads(proc.stdout)
+    # The summary view leaves out the group and name: take them from the run record.
+    records = subprocess.run(["wandb", "leet", "inspect", "--json", str(run_dir)],
+                             capture_output=True, text=True, env=env, timeout=120)
+    for line in records.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("type") == "run":
+            run = rec.get("run", {})
+            out.setdefault("group", run.get("run_group"))
+            out.setdefault("name", run.get("display_name"))
+            break
+    return out

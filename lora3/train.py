@@ -218,6 +218,11 @@ class StepLogger:
 
             def on_epoch_begin(self, epoch, logs=None):
                 self.k_prev, self.m_prev = 0, 0.0
+                self.period_loss = None
+
+            def on_epoch_end(self, epoch, logs=None):
+                if logs and "loss" in logs:
+                    self.period_loss = float(logs["loss"])  # mean training loss over the period
 
             def on_train_batch_end(self, batch, logs=None):
                 logs = logs or {}
@@ -328,7 +333,7 @@ def train(
 
         # 3. evaluate
         scores = evaluate_fn(step)
-        record = {"step": step, "train/loss": logger.last_loss, "train/lr": lr_at(step - 1, **lr_kwargs),
+        record = {"step": step, "train/loss": logger.period_loss, "train/lr": lr_at(step - 1, **lr_kwargs),
                   **{k: v for k, v in scores.items() if k.startswith("val/")}}
         history.append(record)
         tracker.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
@@ -338,7 +343,7 @@ def train(
             best.update({"val/chrf": record["val/chrf"], "val/chrf_step": step})
         if "val/loss" in record and record["val/loss"] <= best.get("val/loss", float("inf")):
             best.update({"val/loss": record["val/loss"], "val/loss_step": step})
-        msg = " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+        msg = " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float) and not k.endswith("_s"))
         print(f"[lora3] step {step}: {msg}", flush=True)
 
         # 4. checkpoint (atomic)

@@ -74,6 +74,8 @@ def resolve_path(path: str | os.PathLike, *, what: str = "data.path") -> Path:
     """Absolute paths as given; relative ones against the working directory, then the repo root."""
     p = Path(os.path.expanduser(str(path)))
     if p.is_absolute():
+        if not p.exists():
+            raise DataError(f"{what}={path} not found")
         return p
     candidates = [Path.cwd() / p, REPO_ROOT / p]
     for c in candidates:

@@ -1,0 +1,52 @@
+"""Shared fixtures. The suite runs once per backend: KERAS_BACKEND=jax and KERAS_BACKEND=tensorflow."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BACKEND = os.environ.get("KERAS_BACKEND", "jax")
+
+
+@pytest.fixture(scope="session")
+def backend_name():
+    """The backend this run of the suite tests (KERAS_BACKEND, default jax)."""
+    return BACKEND
+
+
+@pytest.fixture(scope="session")
+def lora3_cache(tmp_path_factory):
+    """A per-session lora3 cache dir (tokenizers), so tests never touch ~/.cache."""
+    return tmp_path_factory.mktemp("lora3_cache")
+
+
+@pytest.fixture
+def run_cli():
+    """Runs `python -m lora3.run <args>` in the repo; KERAS_BACKEND and offline W&B passed through."""
+
+    def run(*args, timeout=600, env=None):
+        full_env = dict(os.environ, KERAS_BACKEND=BACKEND, WANDB_ERROR_REPORTING="false", HYDRA_FULL_ERROR="0")
+        full_env.pop("WANDB_MODE", None)
+        full_env.update(env or {})
+        return subprocess.run([sys.executable, "-m", "lora3.run", *args], cwd=REPO, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def compose():
+    """Composes the app's config through Hydra's compose API: compose(["rank=4", ...])."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lora3.run import CONF_DIR
+
+    def make(overrides=()):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides))
+
+    return make

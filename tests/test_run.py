@@ -146,6 +146,7 @@ def test_cli_multirun_2x2_each_job_its_dir_and_wandb_run(run_cli, tmp_path, back
 
     sweep = tmp_path / "sweep"
     r = run_cli("-m", "rank=2,4", "alpha=4,8", *smoke(backend_name, lora3_cache), "wandb.mode=offline",
+                "trainer.max_steps=2", "eval.before=false",
                 f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((sweep / "sweep_summary.json").read_text())
@@ -165,7 +166,8 @@ def test_cli_multirun_2x2_each_job_its_dir_and_wandb_run(run_cli, tmp_path, back
 @pytest.mark.slow
 def test_cli_failing_job_does_not_stop_the_sweep(run_cli, tmp_path, backend_name, lora3_cache):
     sweep = tmp_path / "sweep"
-    r = run_cli("-m", "rank=0,2", *smoke(backend_name, lora3_cache), f"hydra.sweep.dir={sweep}")
+    r = run_cli("-m", "rank=0,2", *smoke(backend_name, lora3_cache), "trainer.max_steps=2", "eval.before=false",
+                f"hydra.sweep.dir={sweep}")
     assert r.returncode == 1
     assert "Traceback" not in r.stdout + r.stderr
     summary = json.loads((sweep / "sweep_summary.json").read_text())
@@ -192,7 +194,7 @@ def test_cli_backend_multirun_runs_each_job_on_its_backend(run_cli, tmp_path, lo
 def test_cli_optuna_search_returns_the_objective(run_cli, tmp_path, backend_name, lora3_cache):
     sweep = tmp_path / "opt"
     r = run_cli("hparams_search=optuna", "hydra.sweeper.n_trials=2", *smoke(backend_name, lora3_cache),
-                "trainer.max_steps=2", f"hydra.sweep.dir={sweep}")
+                "trainer.max_steps=2", "eval.before=false", f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr[-3000:]
     res = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in res and "best_value" in res

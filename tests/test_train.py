@@ -56,12 +56,13 @@ class Crash(Exception):
 
 @pytest.mark.slow
 def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, backend_name, lora3_cache, compose):
-    import keras
-
+    from lora3 import backend
     from lora3.run import run_job
 
+    keras = backend.select(backend_name)
+
     overrides = ["experiment=smoke", f"backend={backend_name}", f"cache_dir={lora3_cache}",
-                 "trainer.max_steps=6", "eval.every=2", "eval.before=false"]
+                 "trainer.max_steps=4", "eval.every=2", "eval.before=false"]
     full = run_job(compose(overrides), tmp_path / "full")
 
     class CrashAfter(keras.callbacks.Callback):
@@ -86,7 +87,7 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, ba
         run_job(compose(overrides), tmp_path / "crashed")
     resumed = run_job(compose(overrides + ["resume=true"]), tmp_path / "crashed")
     assert resumed["resumed_from"] == 2
-    assert [h["step"] for h in resumed["history"]] == [2, 4, 6]
+    assert [h["step"] for h in resumed["history"]] == [2, 4]
     # Same batches, same state: the same losses (bitwise on CPU in practice; 1e-5 allowed).
     for a, b in zip(full["history"], resumed["history"]):
         assert b["val/loss"] == pytest.approx(a["val/loss"], abs=1e-5)

@@ -50,3 +50,14 @@ def compose():
             return hydra_compose("config", overrides=list(overrides))
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.one_backend`: pure-Python behaviour that cannot differ by backend
+    (config validation, file parsing, parameter counting) runs in the JAX pass only."""
+    if BACKEND == "jax":
+        return
+    skip = pytest.mark.skip(reason="backend-independent: runs in the KERAS_BACKEND=jax pass")
+    for item in items:
+        if item.get_closest_marker("one_backend"):
+            item.add_marker(skip)

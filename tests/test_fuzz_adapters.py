@@ -39,6 +39,9 @@ def _load(tmp_path, config_bytes, weight_bytes, model):
     assert not lora3.lora_layers(model)
 
 
+# The loader checks files before any backend op; one pass is enough for the fuzz budget.
+pytestmark = pytest.mark.one_backend
+
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 

@@ -181,6 +181,7 @@ def test_wrapping_the_wrong_layer_type():
         LoRADense(keras.layers.EinsumDense("ab,bc->ac", output_shape=3), rank=1, alpha=1)
 
 
+@pytest.mark.one_backend
 def test_no_backend_import_in_model_path():
     root = pathlib.Path(lora3.__file__).parent
     files = list((root / "layers").glob("*.py")) + [root / "surgery.py", root / "adapters.py", root / "targets.py"]

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-import lora3
 from lora3.param_table import build_backbone, param_table
+
+pytestmark = pytest.mark.one_backend  # parameter counting does not depend on the backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -185,6 +185,7 @@ def test_surgery_errors_leave_the_model_alone(kwargs, message):
         ({"targets": []}, "targets must be a non-empty string"),
     ],
 )
+@pytest.mark.one_backend
 def test_config_errors(kwargs, message):
     with pytest.raises(lora3.LoraConfigError, match=re.escape(message)):
         lora3.LoraConfig(**kwargs)

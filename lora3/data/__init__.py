@@ -17,13 +17,15 @@ import hashlib
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
 from lora3.data import synthetic
 from lora3.data.readers import DataError, read_jsonl, read_split
 
-__all__ = ["DataError", "TranslationData", "load", "resolve_path", "REPO_ROOT", "DIRECTIONS", "SOURCES"]
+__all__ = ["DataError", "TranslationData", "load", "resolve_path", "REPO_ROOT", "DIRECTIONS", "SOURCES",
+           "parse_split", "slice_rows", "unreachable"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DIRECTIONS = ("de-en", "en-de")
@@ -39,6 +41,7 @@ class TranslationData:
     direction: str
     prefix: str
     info: dict
+    test: list[dict] = dataclasses.field(default_factory=list)  # held-out test split (data.test_split), if any
 
     @property
     def src_lang(self) -> str:
@@ -64,7 +67,7 @@ class TranslationData:
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for split in ("train", "valid"):
+        for split in ("train", "valid", "test") if self.test else ("train", "valid"):
             for p in getattr(self, split):
                 h.update(json.dumps(p, ensure_ascii=False, sort_keys=True).encode())
         return h.hexdigest()[:16]
@@ -87,6 +90,38 @@ def resolve_path(path: str | os.PathLike, *, what: str = "data.path") -> Path:
     )
 
 
+_SPLIT = re.compile(r"^([^\[\]]+?)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?$")
+
+
+def parse_split(spec: str) -> tuple[str, str | None, str | None]:
+    """`"train[:1%]"` -> ("train", None, "1%"); `"valid"` -> ("valid", None, None).
+
+    The Hugging Face `datasets` slice syntax: `name[start:stop]`, each bound a row count or a
+    percentage of the split (`train[:1000]`, `train[10%:20%]`, `train[-500:]`).
+    """
+    m = _SPLIT.match(str(spec).strip())
+    if not m:
+        raise DataError(f"split {spec!r} is not valid: use a split name, optionally sliced like train[:1%] or train[:1000]")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def slice_rows(rows: list, start: str | None, stop: str | None) -> list:
+    """Applies a `parse_split` slice; percentages round to the closest row, as `datasets` does."""
+    def bound(v):
+        if v is None:
+            return None
+        if v.endswith("%"):
+            return int(round(float(v[:-1]) * len(rows) / 100.0))
+        return int(v)
+
+    return rows[bound(start):bound(stop)]
+
+
+def _read_sliced(directory: Path, spec: str, fmt: str) -> list[dict]:
+    name, start, stop = parse_split(spec)
+    return slice_rows(read_split(directory, name, fmt), start, stop)
+
+
 def _get(cfg: Mapping[str, Any], key: str, default=None):
     try:
         value = cfg.get(key, default)
@@ -102,6 +137,7 @@ def load(cfg: Mapping[str, Any], seed: int = 0) -> TranslationData:
     if direction not in DIRECTIONS:
         raise DataError(f"data.direction={direction!r} is not valid; valid: {', '.join(DIRECTIONS)}")
     info: dict = {"source": source, "name": _get(cfg, "name", source)}
+    test: list[dict] = []
     if source == "synthetic":
         variant = _get(cfg, "variant", "all")
         if variant not in synthetic.VARIANTS:
@@ -115,8 +151,9 @@ def load(cfg: Mapping[str, Any], seed: int = 0) -> TranslationData:
         if directory is None:
             raise DataError("data.path is required for data source 'files' (a directory)")
         fmt = _get(cfg, "format", "auto")
-        train = read_split(directory, _get(cfg, "train_split", "train"), fmt)
-        valid = read_split(directory, _get(cfg, "valid_split", "valid"), fmt)
+        train = _read_sliced(directory, _get(cfg, "train_split", "train"), fmt)
+        valid = _read_sliced(directory, _get(cfg, "valid_split", "valid"), fmt)
+        test = _read_sliced(directory, _get(cfg, "test_split"), fmt) if _get(cfg, "test_split") else []
         info.update(path=str(directory), files_sha256=_hash_files(directory))
     elif source == "jsonl":
         path = _get(cfg, "path")
@@ -145,8 +182,9 @@ def load(cfg: Mapping[str, Any], seed: int = 0) -> TranslationData:
             train = [p for i, p in enumerate(train) if i not in held]
         info.update(path=str(train_path), files_sha256={str(f): _sha256(f) for f in files})
     elif source == "wmt16":
-        train, valid = _load_wmt16(cfg)
-        info.update(hf_dataset="wmt16", hf_config="de-en")
+        train, valid, test = _load_wmt16(cfg)
+        info.update(hf_dataset="wmt16", hf_config="de-en",
+                    splits={k: _get(cfg, k) for k in ("train_split", "valid_split", "test_split")})
     else:
         raise DataError(f"data.source={source!r} is not valid; valid: {', '.join(SOURCES)}")
 
@@ -165,7 +203,9 @@ def load(cfg: Mapping[str, Any], seed: int = 0) -> TranslationData:
     if prefix == "auto":
         prefix = PREFIXES[direction]
     info.update(n_train=len(train), n_valid=len(valid), direction=direction, prefix=prefix)
-    data = TranslationData(train=train, valid=valid, direction=direction, prefix=prefix, info=info)
+    if test:
+        info["n_test"] = len(test)
+    data = TranslationData(train=train, valid=valid, direction=direction, prefix=prefix, info=info, test=test)
     data.info["fingerprint"] = data.fingerprint()
     return data
 
@@ -197,7 +237,27 @@ def can_reach(host: str, port: int = 443, timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_wmt16(cfg) -> tuple[list[dict], list[dict]]:
+def unreachable(cfg: Mapping[str, Any]) -> str | None:
+    """What of this data config cannot be reached from here (offline, not cached), or None.
+
+    Cheap (a socket probe, then an offline look at the datasets cache): run it before any heavy work.
+    """
+    if _get(cfg, "source") != "wmt16":
+        return None
+    if os.environ.get("HF_DATASETS_OFFLINE") != "1" and can_reach("huggingface.co"):
+        return None
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import datasets
+
+        datasets.load_dataset_builder("wmt16", "de-en")
+        return None  # in the local datasets cache
+    except Exception:
+        return "the dataset WMT16 de-en (datasets.load_dataset('wmt16', 'de-en'): huggingface.co is not reachable and it is not in the datasets cache)"
+
+
+def _load_wmt16(cfg) -> tuple[list[dict], list[dict], list[dict]]:
     offline_hint = (
         "run the same recipe on local data: data=multi30k (../shared/data/multi30k) "
         "or data=jsonl data.path=<file.jsonl>"
@@ -212,11 +272,15 @@ def _load_wmt16(cfg) -> tuple[list[dict], list[dict]]:
         raise DataError(f"data=wmt16 needs the `datasets` package (pip install datasets); or {offline_hint}") from None
 
     def split_spec(split: str, cap):
-        return f"{split}[:{int(cap)}]" if cap is not None else split
+        parse_split(split)  # a bad spec fails here, naming it
+        # a plain split with a cap loads only the first rows; a sliced one (train[:1%]) is capped after loading
+        return f"{split}[:{int(cap)}]" if cap is not None and "[" not in split else split
 
+    test_split = _get(cfg, "test_split")
     try:
         train = datasets.load_dataset("wmt16", "de-en", split=split_spec(_get(cfg, "train_split", "train"), _get(cfg, "max_train")))
         valid = datasets.load_dataset("wmt16", "de-en", split=split_spec(_get(cfg, "valid_split", "validation"), _get(cfg, "max_valid")))
+        test = datasets.load_dataset("wmt16", "de-en", split=test_split) if test_split else []
     except Exception as e:  # ConnectionError, FileNotFoundError, hub errors: all mean "not reachable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
@@ -231,4 +295,4 @@ def _load_wmt16(cfg) -> tuple[list[dict], list[dict]]:
             out.append({"de": t["de"].strip(), "en": t["en"].strip()})
         return out
 
-    return rows(train), rows(valid)
+    return rows(train), rows(valid), rows(test)

@@ -275,6 +275,27 @@ def _kaggle_cached(preset: str) -> bool:
     return False
 
 
+def unreachable(model_cfg: Mapping[str, Any]) -> str | None:
+    """What of this model config cannot be reached from here (offline, not cached), or None.
+
+    Cheap (a socket probe and a look at the kagglehub cache): run it before any heavy work.
+    """
+    from lora3.data import REPO_ROOT, can_reach
+
+    preset = model_cfg.get("preset")
+    if not preset:
+        return None
+    preset = str(preset)
+    if any(c.is_dir() for c in (Path(os.path.expanduser(preset)), Path.cwd() / preset, REPO_ROOT / preset)):
+        return None
+    if os.sep in preset or preset.startswith("."):
+        return f"the preset directory model.preset={preset} (no such directory)"
+    if _kaggle_cached(preset) or can_reach(KAGGLE_HOST):
+        return None
+    return (f"the keras-hub preset {preset!r} (model.preset: {KAGGLE_HOST} is not reachable and it is not "
+            "in the kagglehub cache)")
+
+
 def load_preset(preset: str, family: str):
     """Loads a keras-hub task model from a preset name or a local preset directory."""
     from lora3.data import REPO_ROOT, can_reach

@@ -48,6 +48,52 @@ class JobFailed(Lora3Error):
     """A job run in a child process failed; its message is the child's."""
 
 
+class OfflineError(Lora3Error):
+    """The model preset or the dataset cannot be reached from here (no network, not cached)."""
+
+
+def preflight(plain: Mapping[str, Any], job: Mapping[str, Any] | None = None) -> None:
+    """Fails at once, before any heavy work, when the preset or the dataset cannot be reached;
+    the message names both and the overrides that run the same recipe on local things."""
+    from lora3 import data as data_mod
+    from lora3 import models
+
+    missing = {"model": models.unreachable(plain.get("model") or {}),
+               "data": data_mod.unreachable(plain.get("data") or {})}
+    if not any(missing.values()):
+        return
+    fixes = []
+    if missing["model"]:
+        fixes.append("model.preset=<dir> (a local keras-hub preset directory, as written by "
+                     "`model.save_to_preset(dir)` on a machine that can download it)")
+    if missing["data"]:
+        fixes.append("data=multi30k (the Multi30K de-en files in ../shared/data/multi30k; data.path=<dir> "
+                     "to move them) or data=jsonl data.path=<file.jsonl> (HF translation schema)")
+    keep = [o for o in (job or {}).get("overrides", [])
+            if not o.lstrip("+~").startswith(("model.preset=", "data=", "data.path=", "hydra."))]
+    example = " ".join(["python -m lora3.run", *keep,
+                        *(["model.preset=/path/to/preset"] if missing["model"] else []),
+                        *(["data=multi30k"] if missing["data"] else [])])
+    raise OfflineError(
+        "cannot reach " + " and ".join(m for m in missing.values() if m) + " (offline?). "
+        "Run the same recipe on local things with " + "; and ".join(fixes) + f". For example: {example}"
+    )
+
+
+def derive_length(plain: dict, n_train: int) -> None:
+    """trainer.epochs -> trainer.max_steps = ceil(epochs * n_train / batch_size), capped by a
+    trainer.max_steps given too; eval.every null -> once per epoch (or once, at the end)."""
+    trainer, ev_cfg = plain["trainer"], plain["eval"]
+    steps_per_epoch = math.ceil(n_train / trainer["batch_size"])
+    if trainer.get("epochs"):
+        derived = math.ceil(trainer["epochs"] * n_train / trainer["batch_size"])
+        cap = trainer.get("max_steps")
+        trainer["max_steps"] = min(derived, cap) if cap else derived
+        trainer["steps_per_epoch"] = steps_per_epoch
+    if ev_cfg.get("every") is None:
+        ev_cfg["every"] = steps_per_epoch if trainer.get("epochs") else trainer["max_steps"]
+
+
 # ---------------------------------------------------------------- validation (no keras)
 
 
@@ -130,7 +176,8 @@ CHECKS = [
     ("lora.dropout", _dropout),
     ("lora.rslora", _bool),
     ("lora.init", _one_of("kaiming", "gaussian")),
-    ("trainer.max_steps", _positive_int),
+    ("trainer.max_steps", _optional(_positive_int)),
+    ("trainer.epochs", _optional(_positive_num)),
     ("trainer.batch_size", _positive_int),
     ("trainer.lr", _positive_num),
     ("trainer.weight_decay", _nonneg_num),
@@ -142,7 +189,7 @@ CHECKS = [
     ("trainer.jit_compile", _bool),
     ("trainer.keep_checkpoints", _positive_int),
     ("trainer.verbose", _one_of("auto", 0, 1, 2)),
-    ("eval.every", _positive_int),
+    ("eval.every", _optional(_positive_int)),
     ("eval.num_samples", _nonneg_int),
     ("eval.batch_size", _positive_int),
     ("eval.max_length", _optional(_positive_int)),
@@ -212,6 +259,10 @@ def validate(cfg) -> dict:
         ok, what = check(value)
         if not ok:
             problems.append(f"{key}={value!r} is not valid: it must be {what}")
+    trainer_cfg = plain.get("trainer")
+    if isinstance(trainer_cfg, Mapping) and trainer_cfg.get("max_steps") is None and trainer_cfg.get("epochs") is None:
+        problems.append("trainer.max_steps and trainer.epochs are both null: set one of them "
+                        "(trainer.epochs=3 derives the steps from the training set size and trainer.batch_size)")
     if problems:
         raise AppConfigError("invalid config: " + "; ".join(problems))
     lora_cfg = plain.get("lora", {})
@@ -310,10 +361,12 @@ def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None
         log.info("resume=true: %s already finished; nothing to do", out)
         return metrics
 
+    preflight(plain, job)                                       # offline: fail now, naming what to use instead
     from lora3 import data as data_mod                          # 2. data (no keras needed)
 
     seed = plain["seed"]
     data = data_mod.load(plain["data"], seed=seed)
+    derive_length(plain, len(data.train))
 
     from lora3 import backend                                   # 3. backend, then keras
 
@@ -374,6 +427,8 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
                   "trainable_percent": report.percent, "lora": report.lora_params,
                   "adapted_layers": len(report.rows)}
         print(report.table(max_rows=12) if hasattr(report, "table") else str(report), flush=True)
+        if hasattr(report, "table"):
+            _atomic_write_text(out / "lora_report.txt", report.table() + "\n")
     else:
         model.trainable = mode == "full"
         total = int(sum(math.prod(v.shape) for v in model.weights))
@@ -403,6 +458,19 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
         return ev.evaluate(bundle, **subset, arrays=val_arrays, batch_size=ev_cfg["batch_size"],
                            src_len=src_len, max_length=gen_len)
 
+    test_fn = None
+    if data.test:  # data.test_split (WMT16: newstest2016): scored before and after training, never for selection
+        n_tloss = ev_cfg.get("loss_samples") or len(data.test)
+        *test_arrays, _ = bundle.encode(data.inputs("test")[:n_tloss], data.targets("test")[:n_tloss], src_len,
+                                        tgt_len, overlong="error" if overlong == "error" else "truncate", what="test")
+        n_test = min(ev_cfg["num_samples"], len(data.test))
+        test_subset = dict(sources=data.sources("test")[:n_test], inputs=data.inputs("test")[:n_test],
+                           references=data.targets("test")[:n_test])
+
+        def test_fn() -> dict:
+            return ev.evaluate(bundle, **test_subset, arrays=tuple(test_arrays), batch_size=ev_cfg["batch_size"],
+                               src_len=src_len, max_length=gen_len, prefix="test")
+
     print(f"[lora3] {plain['model']['name']} on {keras.backend.backend()}: {params['total']:,} params, "
           f"{params['trainable']:,} trainable ({params['trainable_percent']:.3f}%); "
           f"data {data.info['name']} {len(data.train)} train / {len(data.valid)} valid pairs", flush=True)
@@ -414,14 +482,19 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
     resuming = plain["resume"] and tr.list_checkpoints(out)
     if (ev_cfg["before"] or mode == "none") and not resuming:
         before = evaluate_fn(0)
-        tracker.log({k: v for k, v in before.items() if k.startswith("val/")}, step=0)
+        if test_fn is not None:
+            before_test = test_fn()
+            before.update({k: v for k, v in before_test.items() if k.startswith("test/")},
+                          test_samples=before_test.get("samples", []))
+        tracker.log({k: v for k, v in before.items() if k.startswith(("val/", "test/"))}, step=0)
         print(f"[lora3] before training: val/loss={before.get('val/loss', float('nan')):.4f} "
               f"val/bleu={before.get('val/bleu', float('nan')):.2f} val/chrf={before.get('val/chrf', float('nan')):.2f}",
               flush=True)
     elif resuming and (out / ".before.json").is_file():
         before = json.loads((out / ".before.json").read_text())
     if before:
-        _atomic_write_text(out / ".before.json", json.dumps({k: v for k, v in before.items() if k != "samples"}))
+        _atomic_write_text(out / ".before.json", json.dumps({k: v for k, v in before.items()
+                                                             if k not in ("samples", "test_samples")}))
 
     # 9. train
     if mode != "none":
@@ -433,6 +506,10 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
             tokens_per_step=tokens_per_step,
         )
         final_scores = _LAST.get("scores") or evaluate_fn(max_steps)
+        if test_fn is not None:
+            final_test = test_fn()
+            final_scores = {**final_scores, **{k: v for k, v in final_test.items() if k.startswith("test/")},
+                            "test_samples": final_test.get("samples", [])}
     else:
         result = {"history": [], "best": {}, "last": {}, "perf": {}, "resumed_from": None}
         final_scores = before
@@ -449,11 +526,17 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
                         ensure_ascii=False) for s in samples]
     _atomic_write_text(out / "samples.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     outputs["samples"] = str(out / "samples.jsonl")
+    if final_scores.get("test_samples"):
+        before_t = {s["source"]: s["hypothesis"] for s in before.get("test_samples", [])}
+        tlines = [json.dumps({**s, **({"hypothesis_before": before_t[s["source"]]} if s["source"] in before_t else {})},
+                             ensure_ascii=False) for s in final_scores["test_samples"]]
+        _atomic_write_text(out / "test_samples.jsonl", "\n".join(tlines) + "\n")
+        outputs["test_samples"] = str(out / "test_samples.jsonl")
     if samples:
         tracker.table("val/samples", ["source", "reference", "hypothesis"],
                       [[s["source"], s["reference"], s["hypothesis"]] for s in samples[:50]], step=max_steps)
 
-    final = {k: v for k, v in final_scores.items() if k.startswith("val/")}
+    final = {k: v for k, v in final_scores.items() if k.startswith(("val/", "test/"))}
     final.update({"train/loss": result["last"].get("train/loss")} if result["last"] else {})
     best = dict(result["best"]) or {k: v for k, v in final.items() if k in ("val/bleu", "val/chrf", "val/loss")}
     perf = dict(result["perf"])
@@ -474,7 +557,7 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
         "params": params,
         "steps": max_steps,
         "resumed_from": result["resumed_from"],
-        "before": {k: v for k, v in before.items() if k.startswith("val/")},
+        "before": {k: v for k, v in before.items() if k.startswith(("val/", "test/"))},
         "final": final,
         "best": best,
         "history": result["history"],
@@ -537,6 +620,9 @@ def _print_summary(m: dict, out: Path):
         lines.append(f"  val BLEU      {b.get('val/bleu', float('nan')):.2f} -> {f['val/bleu']:.2f} "
                      f"(best {m['best'].get('val/bleu', f['val/bleu']):.2f})")
         lines.append(f"  val chrF      {b.get('val/chrf', float('nan')):.2f} -> {f['val/chrf']:.2f}")
+    if "test/bleu" in f:
+        lines.append(f"  test BLEU     {b.get('test/bleu', float('nan')):.2f} -> {f['test/bleu']:.2f}")
+        lines.append(f"  test chrF     {b.get('test/chrf', float('nan')):.2f} -> {f['test/chrf']:.2f}")
     if m["perf"].get("tokens_per_s"):
         lines.append(f"  speed         {m['perf']['tokens_per_s']:,.0f} tokens/s")
     for key in ("adapter", "model"):

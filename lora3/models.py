@@ -367,7 +367,14 @@ def build(model_cfg: Mapping[str, Any], tokenizer_texts: list[str], *, seed: int
     prompt_template = model_cfg.get("prompt_template") or "{input}\n"
     info: dict = {"name": model_cfg.get("name"), "family": family}
     preset = model_cfg.get("preset")
-    if preset:
+    if model_cfg.get("base") and not preset:
+        # base-then-adapt: the config's model, trained once on the `base:` source task (lora3.pretrain)
+        from lora3 import pretrain
+
+        where, base_info = pretrain.ensure_base(model_cfg, cache_dir)
+        model, family, _ = load_preset(str(where), family)
+        info.update(config=dict(model_cfg.get("config") or {}), base=pretrain.summary(base_info, where))
+    elif preset:
         model, family, where = load_preset(str(preset), family)
         info.update(preset=where, family=family)
     else:

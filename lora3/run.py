@@ -612,6 +612,17 @@ def _print_summary(m: dict, out: Path):
         f"  trainable     {m['params']['trainable']:,} of {m['params']['total']:,} params "
         f"({m['params']['trainable_percent']:.3f}%)",
     ]
+    base = (m.get("model") or {}).get("base")
+    if base:  # base-then-adapt (lora3.pretrain): what the base is and how it scores on the target task
+        sv = base.get("source_val") or {}
+        lines.append(f"  base          trained {base.get('steps')} steps on synthetic/"
+                     f"{(base.get('source_task') or {}).get('variant')} (its own task: BLEU {sv.get('bleu', 0):.2f}); "
+                     f"cached at {base.get('path')}")
+        if "val/bleu" in b and "val/bleu" in f:
+            tag = {"lora": "LoRA", "full": "full fine-tuning", "none": "frozen base"}.get(m.get("lora_mode"), "tuned")
+            lines.append(f"  target task   {m.get('data', {}).get('name')}/{m.get('data', {}).get('variant', '')}: "
+                         f"frozen base BLEU {b['val/bleu']:.2f} | {tag} BLEU {f['val/bleu']:.2f} "
+                         f"with {m['params']['trainable_percent']:.2f}% of the params trainable")
     if f.get("train/loss") is not None:
         lines.append(f"  train loss    {f['train/loss']:.4f} (mean over the last eval period)")
     if "val/loss" in f:

@@ -268,6 +268,9 @@ def validate(cfg) -> dict:
     lora_cfg = plain.get("lora", {})
     if lora_cfg.get("mode", "lora") == "lora":
         lora_config(lora_cfg)  # LoraConfig's own checks (they name the field)
+    from lora3 import distribution as dist_mod
+
+    dist_mod.validate_config(plain)  # distribution.*: mode, backend, processes (issue 6)
     return plain
 
 
@@ -355,6 +358,10 @@ def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None
     job = dict(job or {})
     plain = validate(cfg)                                       # 1. config: fail before any work
     out = Path(output_dir).resolve()
+    from lora3 import distribution as dist_mod
+
+    if dist_mod.is_worker(plain):  # multi-process: only process 0 writes the run (adapter, metrics, W&B)
+        out = dist_mod.worker_dir(out, plain)
     _check_output_dir(out, plain["resume"])
     if plain["resume"] and (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text())
@@ -374,6 +381,11 @@ def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None
     keras.backend.clear_session()  # a multirun reuses this process: drop the previous job's graph
     keras.config.set_dtype_policy(plain["trainer"]["precision"])
     keras.utils.set_random_seed(seed)
+    from lora3 import distribution as dist_mod  # issue 6: keras.distribution, set before the model is built
+
+    dist = dist_mod.setup(plain.get("distribution"), plain["model"]["family"], keras)
+    if dist.mode != "none":
+        print(f"[lora3] {dist.describe()}", flush=True)
 
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out / "config.yaml", _dump_yaml(plain))
@@ -454,8 +466,14 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
     subset = dict(sources=data.sources("valid")[:n_bleu], inputs=data.inputs("valid")[:n_bleu],
                   references=data.targets("valid")[:n_bleu])
 
+    from lora3 import distribution as dist_mod  # issue 6: batches that divide the data-parallel devices
+
+    val_arrays, eval_bs = dist_mod.pad_eval(val_arrays, ev_cfg["batch_size"])
+    if dist_mod.current().multi_process:
+        subset = dict(sources=[], inputs=[], references=[])  # generation is single-process only (notes)
+
     def evaluate_fn(step: int) -> dict:
-        return ev.evaluate(bundle, **subset, arrays=val_arrays, batch_size=ev_cfg["batch_size"],
+        return ev.evaluate(bundle, **subset, arrays=val_arrays, batch_size=eval_bs,
                            src_len=src_len, max_length=gen_len)
 
     test_fn = None

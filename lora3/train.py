@@ -305,6 +305,9 @@ def train(
         period = step // eval_every
         end = min(max_steps, (period + 1) * eval_every)
         x, y, sw = _take(train_arrays, batch_indices(n, batch_size, step, end, seed))
+        from lora3 import distribution as dist_mod  # issue 6: pad to the devices, slice per process
+
+        x, y, sw, fit_batch = dist_mod.pad_train_batches(x, y, sw, batch_size)
         logger = StepLogger(tracker, log_every, step, lambda s: lr_at(s, **lr_kwargs))
         if verbose:
             print(f"[lora3] steps {step + 1}-{end} of {max_steps}", flush=True)
@@ -312,7 +315,7 @@ def train(
         model.preprocessor = None  # arrays are already tokenised and packed
         t0 = time.perf_counter()
         try:
-            model.fit(x=x, y=y, sample_weight=sw, batch_size=batch_size, shuffle=False,
+            model.fit(x=x, y=y, sample_weight=sw, batch_size=fit_batch, shuffle=False,
                       epochs=period + 1, initial_epoch=period, verbose=verbose,
                       callbacks=[logger, *callbacks])
         finally:

@@ -1,0 +1,99 @@
+"""What the bench workers share: model sizes, the synthetic batch, timing and memory helpers.
+
+No keras, jax, tensorflow or torch import here: the orchestrator imports this module too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+# T5 architectures (keras-hub `T5Backbone` arguments). `small` is FLAN-T5-small
+# (76,961,152 params, untied), `base` is FLAN-T5-base (247,577,856 params).
+MODELS = {
+    "tiny": dict(vocabulary_size=512, num_layers=2, num_heads=2, hidden_dim=32,
+                 intermediate_dim=64, key_value_dim=16),
+    "small": dict(vocabulary_size=32128, num_layers=8, num_heads=6, hidden_dim=512,
+                  intermediate_dim=1024, key_value_dim=64),
+    "base": dict(vocabulary_size=32128, num_layers=12, num_heads=12, hidden_dim=768,
+                 intermediate_dim=2048, key_value_dim=64),
+}
+
+# Setup name -> (kind, targets). kind: "full", "forward", "lora3", "keras", "peft".
+SETUPS = {
+    "full": ("full", None),
+    "lora3-qv": ("lora3", "qv"),
+    "lora3-all_linear": ("lora3", "all_linear"),
+    "keras-qv": ("keras", "qv"),
+    "keras-all_linear": ("keras", "all_linear"),
+    "peft-qv": ("peft", "qv"),
+    "peft-all_linear": ("peft", "all_linear"),
+    "forward-only": ("forward", None),
+}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def batch_arrays(spec, vocab):
+    """The synthetic batch (numpy): token ids, all-ones masks, targets."""
+    import numpy as np
+
+    rng = np.random.default_rng(spec["seed"])
+    b, e, d = spec["batch"], spec["enc_len"], spec["dec_len"]
+    return {
+        "encoder_token_ids": rng.integers(2, vocab, (b, e)).astype("int32"),
+        "encoder_padding_mask": np.ones((b, e), "int32"),
+        "decoder_token_ids": rng.integers(2, vocab, (b, d)).astype("int32"),
+        "decoder_padding_mask": np.ones((b, d), "int32"),
+        "labels": rng.integers(2, vocab, (b, d)).astype("int32"),
+    }
+
+
+def time_steps(step, warmup, steps):
+    """Runs `step()` 1 + warmup + steps times; returns (first_call_s, [timed step s])."""
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def summarize_steps(spec, first, times):
+    med = statistics.median(times)
+    tokens = spec["batch"] * (spec["enc_len"] + spec["dec_len"])
+    return {
+        "median_step_s": med,
+        "step_times_s": times,
+        "tokens_per_s": tokens / med,
+        # First call = trace + compile + one step: the compile cost alone, roughly.
+        "compile_s": max(first - med, 0.0),
+    }
+
+
+def main(run):
+    """Worker entry: argv[1] is the JSON spec; the result goes to spec["out"]."""
+    spec = json.loads(sys.argv[1])
+    result = {"setup": spec["setup"], "backend": spec["backend"], "rank": spec.get("rank")}
+    t0 = time.perf_counter()
+    result.update(run(spec))
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["worker_wall_s"] = time.perf_counter() - t0
+    with open(spec["out"], "w") as f:
+        json.dump(result, f)
+
+
+def env_threads():
+    return os.cpu_count() or 1

@@ -1,0 +1,105 @@
+"""`python -m lora3.bench` at a tiny size: it runs, exits 0 and writes bench.json with the issue's fields.
+
+No timing assertions here: performance lives in the benchmark (experiments/benchmarks/).
+One invocation per backend (KERAS_BACKEND picks it, as for the rest of the suite); the PEFT
+setup runs when torch, transformers and peft are installed and is reported as skipped otherwise.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BACKEND = os.environ.get("KERAS_BACKEND", "jax")
+
+HAVE_PEFT = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
+
+RECORD_FIELDS = {
+    "name", "backend", "median_step_s", "tokens_per_s", "peak_rss_mb", "trainable_params", "total_params",
+    "ratio_to_full", "x_forward_only", "flops_per_step", "compile_s", "optimizer_variables", "optimizer_bytes",
+    "rss_ratio_to_full", "optimizer_bytes_ratio_to_full",
+}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    args = [
+        "--model", "tiny", "--batch", "2", "--enc-len", "8", "--dec-len", "4",
+        "--repeats", "1", "--warmup", "1", "--steps", "1",
+        "--setups", "full,lora3-all_linear,peft-all_linear",
+        "--rank", "4", "--ranks", "4", "--rank-backends", BACKEND,
+        "--backends", BACKEND, "--inference-backends", BACKEND,
+        "--inference-targets", "all_linear", "--inference-rounds", "1", "--generate-rounds", "1", "--generate-variants", "base",
+        "--out", str(out),
+    ]
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    proc = subprocess.run([sys.executable, "-m", "lora3.bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_exits_zero_and_prints_tables(bench):
+    proc, _ = bench
+    assert "training step" in proc.stdout
+    assert "rank scaling" in proc.stdout
+    assert "inference" in proc.stdout
+    assert "targets (issue 4)" in proc.stdout
+
+
+def test_records_have_the_issue_fields(bench):
+    _, report = bench
+    names = {(r["name"], r["backend"]) for r in report["records"]}
+    assert ("full", BACKEND) in names and ("lora3-all_linear", BACKEND) in names
+    for r in report["records"]:
+        assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+        assert r["median_step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["optimizer_variables"] > 0 and r["optimizer_bytes"] > 0
+    recs = {(r["name"], r["backend"]): r for r in report["records"]}
+    full, lora = recs[("full", BACKEND)], recs[("lora3-all_linear", BACKEND)]
+    assert full["ratio_to_full"] == pytest.approx(1.0)
+    assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+    assert lora["optimizer_bytes"] < full["optimizer_bytes"]
+    assert lora["rank"] == 4 and lora["adapted_layers"] > 0
+    assert "ratio_to_keras" in lora and "ratio_to_peft" in lora
+    if BACKEND == "jax":  # XLA cost analysis
+        assert full["flops_per_step"] > lora["flops_per_step"] > 0
+
+
+def test_peft_record_or_skip_note(bench):
+    _, report = bench
+    recs = {(r["name"], r["backend"]): r for r in report["records"]}
+    if HAVE_PEFT:
+        peft = recs[("peft-all_linear", "torch")]
+        lora = recs[("lora3-all_linear", BACKEND)]
+        # Same model, same adapted layers: same parameter counts as lora3's.
+        assert peft["trainable_params"] == lora["trainable_params"]
+        assert peft["total_params"] == lora["total_params"]
+        assert lora["ratio_to_peft"] > 0
+    else:
+        assert any(s["name"] == "peft-all_linear" for s in report["skipped"])
+
+
+def test_rank_scaling_inference_targets_meta(bench):
+    _, report = bench
+    assert [r["rank"] for r in report["rank_scaling"]] == [4]
+    assert report["rank_scaling"][0]["ratio_to_r4"] == pytest.approx(1.0)
+    variants = {v["variant"]: v for v in report["inference"]}
+    assert set(variants) == {"base", "all_linear-unmerged", "all_linear-merged"}
+    assert variants["base"]["forward_ratio_to_base"] == pytest.approx(1.0)
+    for v in variants.values():
+        assert v["median_forward_s"] > 0
+    assert variants["base"]["generate_tokens_per_s"] > 0
+    # Merging changes no result beyond float rounding.
+    assert variants["all_linear-merged"]["max_abs_diff_vs_unmerged"] < 1e-3
+    assert all({"target", "value", "limit", "ok"} <= set(t) for t in report["targets"])
+    machine = report["meta"]["machine"]
+    assert machine["nproc"] >= 1 and machine["versions"]["keras"]
+    assert report["failures"] == [] and report["meta"]["wall_s"] > 0

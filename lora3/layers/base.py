@@ -106,6 +106,27 @@ class LoRALayer(keras.layers.Layer):
         """Reshape/transpose an `(in_features, out_features)` matrix to the kernel's layout."""
         raise NotImplementedError
 
+    def _lora_delta(self, x):
+        """`s * (x @ A) @ B` in the wrapped layer's output layout.
+
+        Subclasses may compute it on a 2-D `(tokens, features)` view of `x` (see
+        `_flat_lora_delta`): the same products, but XLA's CPU backend runs the thin
+        rank-r matmuls of a 3-D `dot_general` (and their gradients, which contract over
+        batch and time) several times slower than the 2-D ones.
+        """
+        # Scale the thin (..., rank) intermediate, not the wide output.
+        hidden = ops.multiply(self._apply_a(x, self.lora_A), ops.cast(self.scaling, x.dtype))
+        return self._apply_b(hidden, self.lora_B)
+
+    def _flat_lora_delta(self, x, n_contracted, out_shape_tail):
+        """`_lora_delta` for inputs whose last `n_contracted` dims are the contracted ones
+        (flattened in A's row order) and whose output is `x.shape[:-n_contracted] + out_shape_tail`."""
+        lead = ops.shape(x)[: len(x.shape) - n_contracted]
+        x2 = ops.reshape(x, (-1, self.in_features))
+        hidden = ops.multiply(ops.matmul(x2, self.lora_A), ops.cast(self.scaling, x.dtype))
+        delta = ops.matmul(hidden, self.lora_B)
+        return ops.reshape(delta, tuple(lead) + tuple(out_shape_tail))
+
     # -- keras Layer API ----------------------------------------------------
     @property
     def scaling(self):
@@ -145,9 +166,7 @@ class LoRALayer(keras.layers.Layer):
             x = inputs
             if self.lora_dropout is not None:
                 x = self.lora_dropout(x, training=training)
-            # Scale the thin (..., rank) intermediate, not the wide output.
-            hidden = ops.multiply(self._apply_a(x, self.lora_A), ops.cast(self.scaling, x.dtype))
-            y = ops.add(y, self._apply_b(hidden, self.lora_B))
+            y = ops.add(y, self._lora_delta(x))
         activation = self.wrapped.activation
         if activation is not None:
             y = activation(y)

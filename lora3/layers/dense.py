@@ -51,3 +51,7 @@ class LoRADense(LoRALayer):
 
     def _delta_to_kernel_layout(self, delta):
         return delta
+
+    def _lora_delta(self, x):
+        # Thin products on the 2-D (tokens, in_features) view: same math, faster gradients.
+        return self._flat_lora_delta(x, 1, (self.out_features,))

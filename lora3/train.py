@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -86,7 +87,9 @@ def compile_model(bundle, trainer: Mapping[str, Any], max_steps: int):
 
     schedule = make_schedule(float(trainer["lr"]), int(trainer["warmup_steps"]), max(1, int(max_steps)),
                              trainer["schedule"], float(trainer["min_lr_ratio"]))
-    optimizer = keras.optimizers.AdamW(
+    optimizer_cls = skip_nonfinite_optimizer(keras.optimizers.AdamW) if trainer.get("skip_nonfinite") \
+        else keras.optimizers.AdamW
+    optimizer = optimizer_cls(
         learning_rate=schedule,
         weight_decay=float(trainer["weight_decay"]),
         global_clipnorm=None if trainer.get("grad_clip") in (None, 0) else float(trainer["grad_clip"]),
@@ -100,6 +103,40 @@ def compile_model(bundle, trainer: Mapping[str, Any], max_steps: int):
         jit_compile=bool(trainer.get("jit_compile", True)),
     )
     return optimizer
+
+
+def skip_nonfinite_optimizer(base_cls):
+    """`base_cls` (a Keras optimizer class) that leaves every variable as it was, itself included, when
+    any gradient is NaN or inf: the batch is skipped (its step does not count for the schedule).
+
+    JAX trains through `stateless_apply`, the other backends through `apply`; both branch with
+    `ops.cond` on the gradients' finiteness, as Keras' LossScaleOptimizer does."""
+    from keras import ops
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    def all_finite(grads):
+        flags = [ops.all(ops.isfinite(g)) for g in grads if g is not None]
+        return ops.all(ops.stack(flags)) if flags else ops.convert_to_tensor(True)
+
+    class SkipNonFinite(base_cls):
+        def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+            return ops.cond(
+                all_finite(grads),
+                lambda: base_cls.stateless_apply(self, optimizer_variables, grads, trainable_variables),
+                lambda: (list(trainable_variables), list(optimizer_variables)),
+            )
+
+        def apply(self, grads, trainable_variables=None):
+            if in_stateless_scope() or not self.built:  # inside stateless_apply (JAX), or the first build
+                return base_cls.apply(self, grads, trainable_variables)
+
+            def update():
+                base_cls.apply(self, grads, trainable_variables)
+
+            ops.cond(all_finite(grads), update, lambda: None)
+
+    SkipNonFinite.__name__ = f"SkipNonFinite{base_cls.__name__}"
+    return SkipNonFinite
 
 
 # ---------------------------------------------------------------- data order
@@ -202,26 +239,45 @@ def load_checkpoint(model, path: Path) -> dict:
 # ---------------------------------------------------------------- callbacks
 
 
+PAUSE_ENV = "LORA3_TEST_PAUSE_AFTER_STEP"
+
+
 class StepLogger:
-    """Keras callback: logs train/loss (mean over the last `every` steps), train/lr, non-finite guard."""
+    """Keras callback: logs train/loss (mean over the last `every` steps), train/lr, non-finite guard.
+
+    A non-finite loss stops training (`nonfinite_step`), or with `skip_nonfinite` the batch is
+    counted in `skipped` (the optimizer left every variable as it was) and the running loss mean
+    restarts after it, so train/loss stays the mean over the finite batches.
+
+    Fault injection for tests: with the environment variable LORA3_TEST_PAUSE_AFTER_STEP=N the process
+    prints a line and sleeps after optimizer step N (a test then kills it with SIGKILL)."""
 
     def __new__(cls, *args, **kwargs):
         import keras
 
         class _StepLogger(keras.callbacks.Callback):
-            def __init__(self, tracker, every, first_step, lr_fn):
+            def __init__(self, tracker, every, first_step, lr_fn, skip_nonfinite=False, skipped_before=0):
                 super().__init__()
                 self.tracker, self.every, self.first_step, self.lr_fn = tracker, max(1, every), first_step, lr_fn
-                self.k_prev, self.m_prev = 0, 0.0
+                self.skip_nonfinite, self.skipped_before = skip_nonfinite, skipped_before
                 self.nonfinite_step = None
                 self.last_loss = None
+                self.skipped: list[int] = []  # steps skipped in this period
+                pause = os.environ.get(PAUSE_ENV, "")
+                self.pause_after = int(pause) if pause.isdigit() else None
 
             def on_epoch_begin(self, epoch, logs=None):
-                self.k_prev, self.m_prev = 0, 0.0
+                # Finite losses of the period: closed segments (sum, n) + the running segment (n, mean).
+                self.closed_sum, self.closed_n = 0.0, 0
+                self.seg_start, self.seg_n, self.seg_mean = 0, 0, 0.0
+                self.s_prev, self.n_prev, self.k_logged = 0.0, 0, 0
                 self.period_loss = None
 
             def on_epoch_end(self, epoch, logs=None):
-                if logs and "loss" in logs:
+                if self.skipped:
+                    n = self.closed_n + self.seg_n
+                    self.period_loss = (self.closed_sum + self.seg_n * self.seg_mean) / n if n else None
+                elif logs and "loss" in logs:
                     self.period_loss = float(logs["loss"])  # mean training loss over the period
 
             def on_train_batch_end(self, batch, logs=None):
@@ -229,19 +285,39 @@ class StepLogger:
                 if "loss" not in logs:
                     return
                 k = batch + 1
-                mean = float(logs["loss"])
+                mean = float(logs["loss"])  # Keras' running mean since the period (or the last reset) began
                 step = self.first_step + batch + 1  # optimizer steps done
                 if not math.isfinite(mean):
-                    self.nonfinite_step = step
-                    self.model.stop_training = True
+                    if not self.skip_nonfinite:
+                        self.nonfinite_step = step
+                        self.model.stop_training = True
+                        return
+                    # The optimizer skipped this batch: close the running segment, restart Keras' means.
+                    self.closed_sum += self.seg_n * self.seg_mean
+                    self.closed_n += self.seg_n
+                    self.seg_start, self.seg_n, self.seg_mean = k, 0, 0.0
+                    for m in self.model.metrics:
+                        m.reset_state()
+                    self.skipped.append(step)
+                    total = self.skipped_before + len(self.skipped)
+                    print(f"[lora3] step {step}: non-finite loss, batch skipped ({total} so far; "
+                          "trainer.skip_nonfinite=true)", flush=True)
+                    self.tracker.log({"train/nonfinite_skipped": total}, step=step)
                     return
-                if k - self.k_prev >= self.every or step % self.every == 0:
-                    # Keras reports the running mean since the epoch began; recover the window's mean.
-                    window = (k * mean - self.k_prev * self.m_prev) / (k - self.k_prev)
-                    self.last_loss = window
-                    self.tracker.log({"train/loss": window, "train/lr": self.lr_fn(step - 1),
-                                      "train/step": step}, step=step)
-                    self.k_prev, self.m_prev = k, mean
+                self.seg_n, self.seg_mean = k - self.seg_start, mean
+                if k - self.k_logged >= self.every or step % self.every == 0:
+                    # Recover the window's mean from the running means.
+                    s_now = self.closed_sum + self.seg_n * mean
+                    n_now = self.closed_n + self.seg_n
+                    if n_now > self.n_prev:
+                        window = (s_now - self.s_prev) / (n_now - self.n_prev)
+                        self.last_loss = window
+                        self.tracker.log({"train/loss": window, "train/lr": self.lr_fn(step - 1),
+                                          "train/step": step}, step=step)
+                    self.s_prev, self.n_prev, self.k_logged = s_now, n_now, k
+                if self.pause_after is not None and step == self.pause_after:
+                    print(f"[lora3] {PAUSE_ENV}={step}: pausing after step {step}", flush=True)
+                    time.sleep(3600)
 
         return _StepLogger(*args, **kwargs)
 
@@ -287,13 +363,26 @@ def train(
     best: dict = {}
     step = 0
     resumed_from = None
+    skipped_total = 0
+    skip_nonfinite = bool(trainer.get("skip_nonfinite", False))
+    inject = sorted(int(s) for s in (trainer.get("inject_nonfinite_steps") or []))
     if resume:
         ckpts = list_checkpoints(out_dir)
-        if ckpts:
-            meta = load_checkpoint(model, ckpts[-1])
+        meta = None
+        for ckpt in reversed(ckpts):  # the newest readable one; a damaged file never stops a resume
+            try:
+                meta = load_checkpoint(model, ckpt)
+                break
+            except TrainingError:
+                raise
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                print(f"[lora3] checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); trying an earlier one",
+                      flush=True)
+        if meta is not None:
             step, history, best = int(meta["step"]), meta.get("history", []), meta.get("best", {})
+            skipped_total = int(meta.get("nonfinite_skipped", 0))
             resumed_from = step
-            print(f"[lora3] resumed from {ckpts[-1]} (step {step} of {max_steps})", flush=True)
+            print(f"[lora3] resumed from {ckpt} (step {step} of {max_steps})", flush=True)
         else:
             print(f"[lora3] resume=true but no checkpoint in {out_dir / 'checkpoints'}: starting at step 0",
                   flush=True)
@@ -305,10 +394,15 @@ def train(
         period = step // eval_every
         end = min(max_steps, (period + 1) * eval_every)
         x, y, sw = _take(train_arrays, batch_indices(n, batch_size, step, end, seed))
+        for s in inject:  # fault injection (tests): NaN sample weights give a NaN loss and NaN gradients
+            if step < s <= end:
+                sw = np.array(sw, dtype="float32")
+                sw[(s - 1 - step) * batch_size:(s - step) * batch_size] = np.nan
         from lora3 import distribution as dist_mod  # issue 6: pad to the devices, slice per process
 
         x, y, sw, fit_batch = dist_mod.pad_train_batches(x, y, sw, batch_size)
-        logger = StepLogger(tracker, log_every, step, lambda s: lr_at(s, **lr_kwargs))
+        logger = StepLogger(tracker, log_every, step, lambda s: lr_at(s, **lr_kwargs),
+                            skip_nonfinite=skip_nonfinite, skipped_before=skipped_total)
         if verbose:
             print(f"[lora3] steps {step + 1}-{end} of {max_steps}", flush=True)
         preprocessor = model.preprocessor
@@ -324,8 +418,17 @@ def train(
         if logger.nonfinite_step is not None:
             last = list_checkpoints(out_dir)
             raise TrainingError(
-                f"non-finite training loss at step {logger.nonfinite_step}; "
-                f"last good checkpoint: {last[-1] if last else 'none'} (lower trainer.lr, or check the data)"
+                f"non-finite training loss (NaN or inf) at step {logger.nonfinite_step}; "
+                f"last good checkpoint: {last[-1] if last else 'none (no checkpoint yet)'}. Lower trainer.lr, "
+                "check the data, or set trainer.skip_nonfinite=true to skip such batches; "
+                "resume=true continues from the last good checkpoint"
+            )
+        skipped_total += len(logger.skipped)
+        if logger.skipped and len(logger.skipped) == end - step:
+            last = list_checkpoints(out_dir)
+            raise TrainingError(
+                f"every batch of steps {step + 1}-{end} had a non-finite loss (skipped); the run diverged. "
+                f"Last good checkpoint: {last[-1] if last else 'none (no checkpoint yet)'}; lower trainer.lr"
             )
         if compile_time is None and fit_steps == 0 and periods > 1:
             compile_time = dt  # the first period includes tracing and compilation
@@ -350,7 +453,8 @@ def train(
         print(f"[lora3] step {step}: {msg}", flush=True)
 
         # 4. checkpoint (atomic)
-        save_checkpoint(model, out_dir, step, {"history": history, "best": best, **(meta_extra or {})}, keep=keep)
+        save_checkpoint(model, out_dir, step, {"history": history, "best": best, "nonfinite_skipped": skipped_total,
+                                               **(meta_extra or {})}, keep=keep)
 
     if fit_steps == 0 and compile_time is not None:
         fit_time, fit_steps = compile_time, max_steps - (resumed_from or 0)
@@ -363,4 +467,4 @@ def train(
     if tokens_per_step and fit_time > 0:
         perf["tokens_per_s"] = tokens_per_step * fit_steps / fit_time
     return {"history": history, "best": best, "last": history[-1] if history else {}, "perf": perf,
-            "resumed_from": resumed_from}
+            "resumed_from": resumed_from, "nonfinite_skipped": skipped_total}

@@ -51,6 +51,9 @@ BASE_DEFAULTS = {
     "valid_size": 200,
     "tokenizer_variant": "all",  # the tokenizer covers the whole language (as a real pretrained one does)
     "tokenizer_size": 8000,
+    "mono_variant": "all",       # monolingual text for the denoising half of pre-training (no translations)
+    "mono_size": 0,              # sentences per language; 0 = translation only
+    "mono_noise": 0.15,          # share of words dropped from a denoising input
     "max_source_length": 48,
     "max_target_length": 48,
     "steps": 1500,
@@ -169,26 +172,59 @@ def ensure_base(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | Non
             backend = lb.imported_backend() or os.environ.get("KERAS_BACKEND") or "jax"
         print(f"[lora3] building the base model once (cached in {target}): {spec['model']['name']} trained "
               f"{spec['base']['steps']} steps on synthetic/{spec['base']['variant']} ...", flush=True)
-        spec_file = target.parent / f".{target.name}.spec-{os.getpid()}.json"
-        spec_file.write_text(json.dumps({"spec": spec, "target": str(target)}))
-        env = dict(os.environ, KERAS_BACKEND=backend)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        try:
-            proc = subprocess.run([sys.executable, "-m", "lora3.pretrain", "--build", str(spec_file)], env=env)
-        finally:
-            spec_file.unlink(missing_ok=True)
+        returncode = _run_build(spec, target, backend)
         info = read_info(target)
-        if proc.returncode != 0 or info is None:
-            raise PretrainError(f"building the base model failed (exit status {proc.returncode}); see the output above")
+        if returncode != 0 or info is None:
+            raise PretrainError(f"building the base model failed (exit status {returncode}); see the output above")
     return target, info
+
+
+def _run_build(spec: Mapping[str, Any], target: Path, backend: str) -> int:
+    """Runs `build(spec, target)` in a fresh process on `backend`; returns its exit status."""
+    spec_file = target.parent / f".{target.name}.spec-{os.getpid()}.json"
+    spec_file.write_text(json.dumps({"spec": spec, "target": str(target)}))
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return subprocess.run([sys.executable, "-m", "lora3.pretrain", "--build", str(spec_file)], env=env).returncode
+    finally:
+        spec_file.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- the build (child process)
 
 
+DENOISE_PREFIX = {"en": "denoise English: ", "de": "denoise German: "}
+
+
+def denoising_pairs(b: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Monolingual pre-training pairs, T5-style: a sentence with `mono_noise` of its words dropped ->
+    the sentence, for English and German sentences of the `mono_variant` text (`mono_size` each).
+
+    The base thereby learns to read and to write the whole language (every word and construction
+    of both sides), but it never sees a *translation* outside its source task.
+    """
+    import random
+
+    from lora3.data import synthetic
+
+    if not b.get("mono_size"):
+        return [], []
+    pairs, _ = synthetic.generate(b["mono_size"], 1, seed=b["seed"] + 2, variant=b["mono_variant"])
+    rng = random.Random(f"lora3-denoise-{b['seed']}")
+    inputs, targets = [], []
+    for p in pairs:
+        for lang in ("en", "de"):
+            words = p[lang].split()
+            kept = [w for w in words if rng.random() >= b["mono_noise"]] or words[:1]
+            inputs.append(DENOISE_PREFIX[lang] + " ".join(kept))
+            targets.append(p[lang])
+    return inputs, targets
+
+
 def build(spec: Mapping[str, Any], target: Path) -> dict:
     """Trains the base described by `spec` and writes it (preset + base_info.json) to `target` atomically."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     from lora3 import backend as lb
     from lora3.data import load
 
@@ -198,6 +234,7 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
     data = load(data_cfg, seed=b["seed"])
     tok_data = load({"source": "synthetic", "variant": b["tokenizer_variant"], "direction": b["direction"],
                      "train_size": b["tokenizer_size"], "valid_size": 1}, seed=b["seed"] + 1)
+    mono_in, mono_out = denoising_pairs(b)
     keras = lb.select(os.environ.get("KERAS_BACKEND", "jax"))
     keras.utils.set_random_seed(b["seed"])
 
@@ -209,14 +246,16 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        bundle = models.build({**spec["model"], "preset": None}, tok_data.tokenizer_texts() + data.tokenizer_texts(),
+        bundle = models.build({**spec["model"], "preset": None},
+                              tok_data.tokenizer_texts() + data.tokenizer_texts() + mono_in[:len(mono_in) // 4],
                               seed=b["seed"], cache_dir=scratch / "tok")
         trainer = {"lr": b["lr"], "warmup_steps": b["warmup_steps"], "schedule": "cosine",
                    "min_lr_ratio": b["min_lr_ratio"], "weight_decay": b["weight_decay"],
                    "grad_clip": b["grad_clip"], "jit_compile": True}
         tr.compile_model(bundle, trainer, b["steps"])
         src_len, tgt_len = b["max_source_length"], b["max_target_length"]
-        *arrays, _ = bundle.encode(data.inputs("train"), data.targets("train"), src_len, tgt_len)
+        *arrays, _ = bundle.encode(data.inputs("train") + mono_in, data.targets("train") + mono_out,
+                                   src_len, tgt_len)
         *varrays, _ = bundle.encode(data.inputs("valid"), data.targets("valid"), src_len, tgt_len,
                                     what="validation")
         n, bs = len(arrays[1]), b["batch_size"]
@@ -259,13 +298,16 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
             "pretrain_version": PRETRAIN_VERSION, "backend": keras.backend.backend(),
             "versions": lb.versions(), "params": int(model.count_params()),
             "source_task": {"variant": b["variant"], "direction": b["direction"], "n_train": len(data.train),
-                            "n_valid": len(data.valid), "fingerprint": data.info["fingerprint"]},
+                            "n_valid": len(data.valid), "fingerprint": data.info["fingerprint"],
+                            "denoising_pairs": len(mono_in), "mono_variant": b["mono_variant"]},
             "curve": curve,
             "source_val": {"bleu": scores["val/bleu"], "chrf": scores["val/chrf"],
                            "loss": curve[-1]["val/loss"], "accuracy": curve[-1]["val/accuracy"],
                            "num_samples": k, "signatures": scores.get("signatures", {})},
             "samples": scores.get("samples", [])[:5],
             "fit_seconds": fit_seconds, "build_seconds": time.perf_counter() - t0,
+            "build_cpu_seconds": time.process_time() - cpu0,  # user+sys of every thread: load-independent
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         for f in preset.iterdir():

@@ -36,6 +36,17 @@ log = logging.getLogger("lora3")
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 LORA_MODES = ("lora", "full", "none")
+
+
+def _register_resolvers():
+    """`${mul:${rank},2}`: alpha = 2r in a sweep (`-m rank=1,2,4 'alpha=${mul:${rank},2}'`)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda *xs: math.prod(xs))
+
+
+_register_resolvers()
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("jax", "tensorflow")
 
@@ -427,7 +438,14 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
     gen_len = ev_cfg.get("max_length") or tgt_len
 
     # 5. model
-    bundle = models.build(plain["model"], data.tokenizer_texts(), seed=seed, cache_dir=plain.get("cache_dir"))
+    model_cfg = plain["model"]
+    if model_cfg.get("base") and plain["data"].get("source") != "synthetic":
+        # the cached base (lora3.pretrain) is trained on the synthetic source task with its tokenizer:
+        # on other data the model starts from random init, as before, with a tokenizer of that data
+        log.info("model.base applies to synthetic data only: data.source=%s starts from random init",
+                 plain["data"].get("source"))
+        model_cfg = {**model_cfg, "base": None}
+    bundle = models.build(model_cfg, data.tokenizer_texts(), seed=seed, cache_dir=plain.get("cache_dir"))
     model = bundle.model
 
     # 6. LoRA surgery (or full fine-tuning / frozen base)

@@ -54,6 +54,8 @@ BASE_DEFAULTS = {
     "mono_variant": "all",       # monolingual text for the denoising half of pre-training (no translations)
     "mono_size": 0,              # sentences per language; 0 = translation only
     "mono_noise": 0.15,          # share of words dropped from a denoising input
+    "data": None,                # a data config (conf/data/*.yaml) for a source task from files, e.g. Multi30K;
+                                 # null = the synthetic generator's `variant`
     "max_source_length": 48,
     "max_target_length": 48,
     "steps": 1500,
@@ -85,6 +87,7 @@ def base_spec(model_cfg: Mapping[str, Any]) -> dict:
     if unknown:
         raise PretrainError(f"model.base has unknown keys {sorted(unknown)}; valid: {', '.join(BASE_DEFAULTS)}")
     spec = {**BASE_DEFAULTS, **{k: v for k, v in dict(base).items() if v is not None}}
+    spec = {k: v for k, v in spec.items() if v is not None}  # unset options leave the cache key as it was
     for key in ("steps", "batch_size", "train_size", "valid_size", "eval_every"):
         if not (isinstance(spec[key], int) and spec[key] > 0):
             raise PretrainError(f"model.base.{key}={spec[key]!r} is not valid: it must be a positive integer")
@@ -119,6 +122,12 @@ def read_info(path: Path) -> dict | None:
         return json.loads((Path(path) / INFO_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def source_name(b: Mapping[str, Any]) -> str:
+    if b.get("data"):
+        return f"{b['data'].get('name') or b['data'].get('source')} {b['direction']}"
+    return f"synthetic/{b['variant']}"
 
 
 def summary(info: Mapping[str, Any], path: Path | str) -> dict:
@@ -171,7 +180,7 @@ def ensure_base(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | Non
 
             backend = lb.imported_backend() or os.environ.get("KERAS_BACKEND") or "jax"
         print(f"[lora3] building the base model once (cached in {target}): {spec['model']['name']} trained "
-              f"{spec['base']['steps']} steps on synthetic/{spec['base']['variant']} ...", flush=True)
+              f"{spec['base']['steps']} steps on {source_name(spec['base'])} ...", flush=True)
         returncode = _run_build(spec, target, backend)
         info = read_info(target)
         if returncode != 0 or info is None:
@@ -197,7 +206,7 @@ def _run_build(spec: Mapping[str, Any], target: Path, backend: str) -> int:
 DENOISE_PREFIX = {"en": "denoise English: ", "de": "denoise German: "}
 
 
-def denoising_pairs(b: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+def denoising_pairs(b: Mapping[str, Any], pairs: list[dict] | None = None) -> tuple[list[str], list[str]]:
     """Monolingual pre-training pairs, T5-style: a sentence with `mono_noise` of its words dropped ->
     the sentence, for English and German sentences of the `mono_variant` text (`mono_size` each).
 
@@ -210,7 +219,8 @@ def denoising_pairs(b: Mapping[str, Any]) -> tuple[list[str], list[str]]:
 
     if not b.get("mono_size"):
         return [], []
-    pairs, _ = synthetic.generate(b["mono_size"], 1, seed=b["seed"] + 2, variant=b["mono_variant"])
+    if pairs is None:
+        pairs, _ = synthetic.generate(b["mono_size"], 1, seed=b["seed"] + 2, variant=b["mono_variant"])
     rng = random.Random(f"lora3-denoise-{b['seed']}")
     inputs, targets = [], []
     for p in pairs:
@@ -229,12 +239,21 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
     from lora3.data import load
 
     b = spec["base"]
-    data_cfg = {"source": "synthetic", "variant": b["variant"], "direction": b["direction"],
-                "train_size": b["train_size"], "valid_size": b["valid_size"]}
-    data = load(data_cfg, seed=b["seed"])
-    tok_data = load({"source": "synthetic", "variant": b["tokenizer_variant"], "direction": b["direction"],
-                     "train_size": b["tokenizer_size"], "valid_size": 1}, seed=b["seed"] + 1)
-    mono_in, mono_out = denoising_pairs(b)
+    if b.get("data"):  # a source task from files (e.g. Multi30K): its first train_size / valid_size pairs
+        from lora3.data import PREFIXES
+
+        data = load({**b["data"], "direction": b["direction"], "max_train": b["train_size"],
+                     "max_valid": b["valid_size"]}, seed=b["seed"])
+        other = "de" if data.tgt_lang == "en" else "en"
+        tok_texts = data.tokenizer_texts() + [p[other] for p in data.train] + list(PREFIXES.values())
+        mono_in, mono_out = denoising_pairs(b, data.train[: b["mono_size"]])
+    else:
+        data = load({"source": "synthetic", "variant": b["variant"], "direction": b["direction"],
+                     "train_size": b["train_size"], "valid_size": b["valid_size"]}, seed=b["seed"])
+        tok_data = load({"source": "synthetic", "variant": b["tokenizer_variant"], "direction": b["direction"],
+                         "train_size": b["tokenizer_size"], "valid_size": 1}, seed=b["seed"] + 1)
+        tok_texts = tok_data.tokenizer_texts() + data.tokenizer_texts()
+        mono_in, mono_out = denoising_pairs(b)
     keras = lb.select(os.environ.get("KERAS_BACKEND", "jax"))
     keras.utils.set_random_seed(b["seed"])
 
@@ -246,8 +265,7 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        bundle = models.build({**spec["model"], "preset": None},
-                              tok_data.tokenizer_texts() + data.tokenizer_texts() + mono_in[:len(mono_in) // 4],
+        bundle = models.build({**spec["model"], "preset": None}, tok_texts + mono_in[:len(mono_in) // 4],
                               seed=b["seed"], cache_dir=scratch / "tok")
         trainer = {"lr": b["lr"], "warmup_steps": b["warmup_steps"], "schedule": "cosine",
                    "min_lr_ratio": b["min_lr_ratio"], "weight_decay": b["weight_decay"],
@@ -287,7 +305,7 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
         scores = ev.evaluate(bundle, sources=data.sources("valid")[:k], inputs=data.inputs("valid")[:k],
                              references=data.targets("valid")[:k], arrays=None, batch_size=32,
                              src_len=src_len, max_length=tgt_len)
-        print(f"[lora3] base on its source task (synthetic/{b['variant']}, {k} held-out pairs): "
+        print(f"[lora3] base on its source task ({source_name(b)}, {k} held-out pairs): "
               f"BLEU {scores['val/bleu']:.2f}, chrF {scores['val/chrf']:.2f}", flush=True)
         preset = scratch / "preset"
         model.save_to_preset(str(preset))
@@ -297,7 +315,8 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
             "spec": spec, "key": cache_key(spec), "generator_version": synthetic.GENERATOR_VERSION,
             "pretrain_version": PRETRAIN_VERSION, "backend": keras.backend.backend(),
             "versions": lb.versions(), "params": int(model.count_params()),
-            "source_task": {"variant": b["variant"], "direction": b["direction"], "n_train": len(data.train),
+            "source_task": {"name": source_name(b), "variant": None if b.get("data") else b["variant"],
+                            "direction": b["direction"], "n_train": len(data.train),
                             "n_valid": len(data.valid), "fingerprint": data.info["fingerprint"],
                             "denoising_pairs": len(mono_in), "mono_variant": b["mono_variant"]},
             "curve": curve,
@@ -360,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[lora3] error: {e}", file=sys.stderr)
         return 1
     sv = info["source_val"]
-    print(f"[lora3] base {path}\n  source task synthetic/{info['source_task']['variant']}: BLEU {sv['bleu']:.2f}, "
+    print(f"[lora3] base {path}\n  source task {info['source_task'].get('name')}: BLEU {sv['bleu']:.2f}, "
           f"chrF {sv['chrf']:.2f}, val loss {sv['loss']:.4f}; built in {info['build_seconds']:.1f}s "
           f"on {info['backend']}")
     return 0

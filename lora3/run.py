@@ -439,7 +439,7 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
 
     # 5. model
     model_cfg = plain["model"]
-    if model_cfg.get("base") and plain["data"].get("source") != "synthetic":
+    if model_cfg.get("base") and plain["data"].get("source") != "synthetic" and not model_cfg["base"].get("data"):
         # the cached base (lora3.pretrain) is trained on the synthetic source task with its tokenizer:
         # on other data the model starts from random init, as before, with a tokenizer of that data
         log.info("model.base applies to synthetic data only: data.source=%s starts from random init",
@@ -651,12 +651,13 @@ def _print_summary(m: dict, out: Path):
     base = (m.get("model") or {}).get("base")
     if base:  # base-then-adapt (lora3.pretrain): what the base is and how it scores on the target task
         sv = base.get("source_val") or {}
-        lines.append(f"  base          trained {base.get('steps')} steps on synthetic/"
-                     f"{(base.get('source_task') or {}).get('variant')} (its own task: BLEU {sv.get('bleu', 0):.2f}); "
+        lines.append(f"  base          trained {base.get('steps')} steps on "
+                     f"{(base.get('source_task') or {}).get('name')} (its own task: BLEU {sv.get('bleu', 0):.2f}); "
                      f"cached at {base.get('path')}")
         if "val/bleu" in b and "val/bleu" in f:
             tag = {"lora": "LoRA", "full": "full fine-tuning", "none": "frozen base"}.get(m.get("lora_mode"), "tuned")
-            lines.append(f"  target task   {m.get('data', {}).get('name')}/{m.get('data', {}).get('variant', '')}: "
+            d = m.get("data") or {}
+            lines.append(f"  target task   {d.get('name')}/{d.get('variant') or d.get('direction')}: "
                          f"frozen base BLEU {b['val/bleu']:.2f} | {tag} BLEU {f['val/bleu']:.2f} "
                          f"with {m['params']['trainable_percent']:.2f}% of the params trainable")
     if f.get("train/loss") is not None:

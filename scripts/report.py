@@ -1,0 +1,477 @@
+#!/usr/bin/env python
+"""Collects lora3 runs and writes report.md, runs.csv and PNG plots.
+
+    python scripts/report.py multirun/2026-01-01/12-00-00                 # one sweep dir
+    python scripts/report.py multirun/a multirun/b --out experiments/rank_alpha   # a sweep run in pieces
+    python scripts/report.py outputs/ --wandb-files                       # read offline W&B files, not metrics.json
+    python scripts/report.py wandb:<entity>/<project> --out report/       # the W&B API (online)
+
+A *run directory* is any directory under the given ones that holds `metrics.json` (a finished run),
+`error.json` (a failed job), or Hydra's `.hydra/` or a `wandb/offline-run-*` (a job that was
+killed before writing either). Failed and killed runs appear in the report with their error; they
+are never dropped. The config of a run (rank, alpha, targets, ...) comes from its `config.yaml`
+(resolved, written by lora3.run) or `.hydra/config.yaml`.
+
+Outputs in --out (default: the first directory given):
+- `report.md`: one row per run (model, backend, mode, rank, alpha, targets, rsLoRA, seed,
+  trainable share, best val BLEU/chrF, final val loss, tokens/s, status or error), then a table
+  of means over seeds per configuration;
+- `runs.csv`: the same rows;
+- `bleu_vs_rank.png`: best val BLEU against rank, one line per (targets, alpha rule, rsLoRA),
+  with the `full` and `none` baselines as horizontal lines (mean over seeds; bars: min..max);
+- `val_loss.png`: validation loss curves of every finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+COLUMNS = ["run", "status", "model", "backend", "mode", "rank", "alpha", "targets", "rslora", "seed",
+           "trainable", "trainable_pct", "bleu_before", "best_bleu", "best_chrf", "final_bleu", "final_val_loss",
+           "tokens_per_s", "wall_s", "error"]
+
+
+# ---------------------------------------------------------------- collecting
+
+
+def _load_yaml(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an unresolvable interpolation (hydra's ${now:...}): take it raw
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _config_of(d: Path) -> dict:
+    for f in (d / "config.yaml", d / ".hydra" / "config.yaml"):
+        if f.is_file():
+            try:
+                return _load_yaml(f)
+            except Exception:
+                continue
+    return {}
+
+
+def _is_run_dir(d: Path) -> bool:
+    return ((d / "metrics.json").is_file() or (d / "error.json").is_file() or (d / ".hydra").is_dir()
+            or any((d / "wandb").glob("offline-run-*")))
+
+
+def find_run_dirs(roots: list[Path]) -> list[Path]:
+    found = []
+    for root in roots:
+        root = Path(root)
+        if _is_run_dir(root):
+            found.append(root)
+        for dirpath, dirnames, _ in os.walk(root):
+            dirnames[:] = sorted(n for n in dirnames if n not in ("wandb", "checkpoints", "adapter", "model",
+                                                                  ".hydra", ".submitit", "__pycache__"))
+            for n in dirnames:
+                d = Path(dirpath) / n
+                if _is_run_dir(d):
+                    found.append(d)
+    seen, out = set(), []
+    for d in found:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def _num(v):
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def row_from_metrics(name: str, m: dict, cfg: dict) -> dict:
+    lora = cfg.get("lora") or {}
+    mode = m.get("lora_mode") or lora.get("mode")
+    params = m.get("params") or {}
+    hist = [h for h in m.get("history") or [] if h.get("val/loss") is not None]
+    return {
+        "run": name, "status": m.get("status", "finished"),
+        "model": (m.get("model") or {}).get("name") or (cfg.get("model") or {}).get("name"),
+        "backend": m.get("backend") or cfg.get("backend"), "mode": mode,
+        "rank": lora.get("rank") if mode == "lora" else None,
+        "alpha": lora.get("alpha") if mode == "lora" else None,
+        "targets": _targets_str(lora.get("targets")) if mode == "lora" else None,
+        "rslora": bool(lora.get("rslora")) if mode == "lora" else None,
+        "seed": m.get("seed", cfg.get("seed")),
+        "trainable": params.get("trainable"), "trainable_pct": _num(params.get("trainable_percent")),
+        "bleu_before": _num((m.get("before") or {}).get("val/bleu")),
+        "best_bleu": _num((m.get("best") or {}).get("val/bleu")),
+        "best_chrf": _num((m.get("best") or {}).get("val/chrf")),
+        "final_bleu": _num((m.get("final") or {}).get("val/bleu")),
+        "final_val_loss": _num((m.get("final") or {}).get("val/loss")),
+        "tokens_per_s": _num((m.get("perf") or {}).get("tokens_per_s")),
+        "wall_s": _num((m.get("perf") or {}).get("wall_seconds")),
+        "error": None,
+        "curve": [(h["step"], h["val/loss"]) for h in hist],
+    }
+
+
+def _targets_str(t):
+    if isinstance(t, (list, tuple)):
+        return ",".join(map(str, t))
+    return t
+
+
+def row_from_wandb(name: str, rec: dict, cfg: dict | None = None) -> dict:
+    """A row from an offline W&B run (`lora3.tracking.read_offline_run`) or an API run's config/summary."""
+    c = dict(rec.get("config") or {})
+    s = dict(rec.get("summary") or {})
+
+    def summ(key, agg=None):
+        v = s.get(key)
+        if isinstance(v, dict):
+            v = v.get(agg) if agg else None
+        return _num(v)
+
+    mode = c.get("lora.mode")
+    state = rec.get("state") or ("finished" if s else "unknown")
+    return {
+        "run": name, "status": "finished" if state == "finished" else "failed",
+        "model": c.get("model.name"), "backend": c.get("backend"), "mode": mode,
+        "rank": c.get("lora.rank") if mode == "lora" else None,
+        "alpha": c.get("lora.alpha") if mode == "lora" else None,
+        "targets": _targets_str(c.get("lora.targets")) if mode == "lora" else None,
+        "rslora": bool(c.get("lora.rslora")) if mode == "lora" else None,
+        "seed": c.get("seed"),
+        "trainable": summ("params/trainable"), "trainable_pct": summ("params/trainable_percent"),
+        "bleu_before": summ("before/val/bleu"),
+        "best_bleu": summ("best/val/bleu") if summ("best/val/bleu") is not None else summ("val/bleu", "max"),
+        "best_chrf": summ("best/val/chrf") if summ("best/val/chrf") is not None else summ("val/chrf", "max"),
+        "final_bleu": summ("final/val/bleu"), "final_val_loss": summ("final/val/loss"),
+        "tokens_per_s": summ("perf/tokens_per_s"), "wall_s": summ("perf/wall_seconds"),
+        "error": None if state == "finished" else f"W&B run state: {state}",
+        "curve": list(rec.get("curve") or []),
+    }
+
+
+def collect_dirs(roots: list[Path], wandb_files: bool = False) -> list[dict]:
+    """One row per run directory under `roots`."""
+    from lora3 import tracking
+
+    rows = []
+    for d in find_run_dirs(roots):
+        name = _rel_name(d, roots)
+        cfg = _config_of(d)
+        wb = tracking.find_offline_runs(d)
+        if (d / "metrics.json").is_file() and not (wandb_files and wb):
+            try:
+                rows.append(row_from_metrics(name, json.loads((d / "metrics.json").read_text()), cfg))
+                continue
+            except (ValueError, OSError) as e:
+                rows.append(_failed(name, cfg, f"unreadable metrics.json: {e}"))
+                continue
+        if (d / "error.json").is_file():
+            try:
+                err = json.loads((d / "error.json").read_text()).get("error")
+            except (ValueError, OSError) as e:
+                err = f"unreadable error.json: {e}"
+            rows.append(_failed(name, cfg, err))
+            continue
+        if wb:
+            try:
+                rec = tracking.read_offline_run(wb[-1])
+                row = row_from_wandb(name, rec, cfg)
+                if not (d / "metrics.json").is_file() and row["status"] == "finished":
+                    row.update(status="failed", error="no metrics.json (the W&B run finished, the job did not)")
+                elif not (d / "metrics.json").is_file():
+                    row["error"] = f"no metrics.json or error.json (killed?); {row['error']}"
+                rows.append(row)
+                continue
+            except Exception as e:  # unreadable W&B files: still a row
+                rows.append(_failed(name, cfg, f"no metrics.json; W&B files unreadable: {e}"))
+                continue
+        rows.append(_failed(name, cfg, "no metrics.json or error.json (killed or still running?)"))
+    return rows
+
+
+def _failed(name, cfg, error) -> dict:
+    lora = cfg.get("lora") or {}
+    mode = lora.get("mode")
+    row = {k: None for k in COLUMNS}
+    row.update(run=name, status="failed", model=(cfg.get("model") or {}).get("name"), backend=cfg.get("backend"),
+               mode=mode, seed=cfg.get("seed"), error=str(error), curve=[])
+    if mode == "lora":
+        row.update(rank=lora.get("rank"), alpha=lora.get("alpha"), targets=_targets_str(lora.get("targets")),
+                   rslora=bool(lora.get("rslora")))
+    return row
+
+
+def _rel_name(d: Path, roots: list[Path]) -> str:
+    for r in roots:
+        try:
+            rel = d.resolve().relative_to(Path(r).resolve())
+            base = Path(r).resolve().name
+            return f"{base}/{rel}" if str(rel) != "." else base
+        except ValueError:
+            continue
+    return str(d)
+
+
+def collect_wandb_api(project: str) -> list[dict]:
+    """Runs of an online W&B project `entity/project` (needs `wandb login`)."""
+    import wandb
+
+    api = wandb.Api()
+    rows = []
+    for run in api.runs(project):
+        rec = {"config": dict(run.config), "summary": dict(run.summary), "state": run.state}
+        try:
+            rec["curve"] = [(int(h["_step"]), float(h["val/loss"])) for h in run.scan_history(keys=["_step", "val/loss"])
+                            if h.get("val/loss") is not None]
+        except Exception:
+            rec["curve"] = []
+        row = row_from_wandb(run.name, rec)
+        if row["status"] != "finished":
+            row["error"] = f"W&B run state: {run.state}"
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _fmt(v, digits=2):
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def config_label(r: dict) -> str:
+    if r.get("mode") != "lora":
+        return str(r.get("mode"))
+    return f"{r['targets']} r={r['rank']} α={_fmt(_num(r['alpha']), 0)}{' rsLoRA' if r.get('rslora') else ''}"
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean/std/min/max of best BLEU over seeds per (model, backend, mode, targets, rank, alpha, rslora)."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r["status"] == "finished" and r.get("best_bleu") is not None:
+            key = (r.get("model"), r.get("mode"), r.get("targets"), r.get("rank"), _num(r.get("alpha")), r.get("rslora"))
+            groups[key].append(r)
+    out = []
+    for key, rs in groups.items():
+        b = [r["best_bleu"] for r in rs]
+        c = [r["best_chrf"] for r in rs if r.get("best_chrf") is not None]
+        out.append({"label": config_label(rs[0]), "model": key[0], "mode": key[1], "targets": key[2], "rank": key[3],
+                    "alpha": key[4], "rslora": key[5], "n": len(rs), "bleu_mean": statistics.fmean(b),
+                    "bleu_std": statistics.stdev(b) if len(b) > 1 else 0.0, "bleu_min": min(b), "bleu_max": max(b),
+                    "chrf_mean": statistics.fmean(c) if c else None,
+                    "trainable_pct": rs[0].get("trainable_pct")})
+    order = {"none": 0, "lora": 1, "full": 2}
+    out.sort(key=lambda a: (order.get(a["mode"], 3), str(a["targets"]), bool(a["rslora"]), a["rank"] or 0, a["alpha"] or 0))
+    return out
+
+
+def write_markdown(rows: list[dict], aggs: list[dict], path: Path, sources: list[str]):
+    failed = [r for r in rows if r["status"] != "finished"]
+    lines = [
+        "# lora3 runs",
+        "",
+        f"Collected by `scripts/report.py` from: {', '.join(f'`{s}`' for s in sources)}. "
+        f"{len(rows)} runs: {len(rows) - len(failed)} finished, {len(failed)} failed.",
+        "BLEU/chrF: sacrebleu corpus scores on the fixed validation subset (`eval.num_samples`); "
+        "best = best evaluation during training; loss = teacher-forced validation loss at the end.",
+        "",
+    ]
+    if aggs:
+        lines += ["## Per configuration (mean over seeds)", "",
+                  "| config | model | trainable % | seeds | best BLEU mean | ± std | min | max | best chrF mean |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for a in aggs:
+            lines.append(f"| {a['label']} | {a['model']} | {_fmt(a['trainable_pct'], 3)} | {a['n']} | "
+                         f"{a['bleu_mean']:.2f} | {a['bleu_std']:.2f} | {a['bleu_min']:.2f} | {a['bleu_max']:.2f} | "
+                         f"{_fmt(a['chrf_mean'])} |")
+        lines.append("")
+    lines += ["## Every run", "",
+              "| run | status | model | backend | mode | rank | alpha | targets | rsLoRA | seed | trainable | "
+              "trainable % | BLEU before | best BLEU | best chrF | final val loss | tokens/s | error |",
+              "|---|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        err = (r.get("error") or "").replace("|", "\\|").replace("\n", " ")
+        if len(err) > 200:
+            err = err[:200] + "…"
+        lines.append("| " + " | ".join([
+            r["run"], r["status"], _fmt(r.get("model")), _fmt(r.get("backend")), _fmt(r.get("mode")),
+            _fmt(r.get("rank")), _fmt(_num(r.get("alpha")), 0) if r.get("alpha") is not None else "",
+            _fmt(r.get("targets")), _fmt(r.get("rslora")), _fmt(r.get("seed")), _fmt(r.get("trainable")),
+            _fmt(r.get("trainable_pct"), 3), _fmt(r.get("bleu_before")), _fmt(r.get("best_bleu")),
+            _fmt(r.get("best_chrf")), _fmt(r.get("final_val_loss"), 4), _fmt(r.get("tokens_per_s"), 0), err,
+        ]) + " |")
+    lines += ["", "Plots: [BLEU vs rank](bleu_vs_rank.png), [validation loss](val_loss.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_csv(rows: list[dict], path: Path):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in COLUMNS})
+
+
+def _alpha_rules(rank, alpha) -> list[str]:
+    """Which alpha lines of a rank sweep a run sits on: α=r, α=2r, or a fixed α."""
+    rules = []
+    if alpha is None or rank is None:
+        return rules
+    if math.isclose(alpha, rank):
+        rules.append("α=r")
+    if math.isclose(alpha, 2 * rank):
+        rules.append("α=2r")
+    rules.append(f"α={alpha:g}")
+    return rules
+
+
+def series(aggs: list[dict]) -> dict:
+    """Lines of the BLEU-vs-rank plot: {label: [(rank, mean, min, max), ...]}; a fixed-α line only
+    where that α was run at more than one rank."""
+    lines = defaultdict(dict)
+    for a in aggs:
+        if a["mode"] != "lora":
+            continue
+        for rule in _alpha_rules(a["rank"], a["alpha"]):
+            label = f"{a['targets']} {rule}{' rsLoRA' if a['rslora'] else ''}"
+            lines[label][a["rank"]] = (a["rank"], a["bleu_mean"], a["bleu_min"], a["bleu_max"])
+    out = {}
+    for label, pts in lines.items():
+        fixed = "α=r" not in label and "α=2r" not in label
+        if fixed and len(pts) < 2:
+            continue
+        out[label] = [pts[k] for k in sorted(pts)]
+    # a fixed α equal to r or 2r at one rank duplicates that line's point only: keep it only with >1 rank
+    return out
+
+
+def plot(rows: list[dict], aggs: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lines = series(aggs)
+    for i, (label, pts) in enumerate(sorted(lines.items())):
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+        style = "--" if "qv" in label else (":" if "rsLoRA" in label else "-")
+        ax.errorbar(xs, ys, yerr=err, marker="o", linestyle=style, capsize=3, label=label)
+    colors = {"full": "black", "none": "gray"}
+    for a in aggs:
+        if a["mode"] in ("full", "none"):
+            name = "full fine-tuning" if a["mode"] == "full" else "frozen base (none)"
+            ax.axhline(a["bleu_mean"], color=colors[a["mode"]], linestyle="-." if a["mode"] == "full" else ":",
+                       label=f"{name}: {a['bleu_mean']:.1f} (n={a['n']})")
+            if a["n"] > 1:
+                ax.axhspan(a["bleu_min"], a["bleu_max"], color=colors[a["mode"]], alpha=0.08)
+    ax.set_xscale("log", base=2)
+    ranks = sorted({p[0] for pts in lines.values() for p in pts})
+    if ranks:
+        ax.set_xticks(ranks)
+        ax.set_xticklabels([str(r) for r in ranks])
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("best validation BLEU")
+    ax.set_title("BLEU vs rank (mean over seeds; bars: min–max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    p = out / "bleu_vs_rank.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    finished = [r for r in rows if r["status"] == "finished" and r.get("curve")]
+    cmap = plt.get_cmap("viridis")
+    ranks = sorted({r["rank"] for r in finished if r.get("rank")})
+    shown = set()
+    for r in finished:
+        xs, ys = zip(*r["curve"])
+        if r["mode"] == "lora":
+            c = cmap(ranks.index(r["rank"]) / max(1, len(ranks) - 1)) if r["rank"] in ranks else "C0"
+            label = f"LoRA r={r['rank']}"
+            style = "--" if r.get("targets") == "qv" else "-"
+        else:
+            c = "black" if r["mode"] == "full" else "gray"
+            label, style = r["mode"], "-."
+        ax.plot(xs, ys, color=c, linestyle=style, alpha=0.7, label=None if label in shown else label)
+        shown.add(label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_yscale("log")
+    ax.set_title("Validation loss (LoRA coloured by rank; dashed: qv targets)")
+    ax.grid(alpha=0.3)
+    if shown:
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    p = out / "val_loss.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+    return written
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sources", nargs="+", help="sweep/run directories, or wandb:<entity>/<project> (W&B API)")
+    ap.add_argument("--out", help="where report.md and the plots go (default: the first directory)")
+    ap.add_argument("--wandb-files", action="store_true",
+                    help="read each run from its offline W&B files instead of metrics.json")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+
+    rows, dirs = [], []
+    for s in args.sources:
+        if s.startswith("wandb:") or (not Path(s).exists() and s.count("/") == 1):
+            rows += collect_wandb_api(s.removeprefix("wandb:"))
+        elif Path(s).is_dir():
+            dirs.append(Path(s))
+        else:
+            print(f"report.py: {s}: no such directory (for a W&B project write wandb:<entity>/<project>)",
+                  file=sys.stderr)
+            return 2
+    if dirs:
+        rows += collect_dirs(dirs, wandb_files=args.wandb_files)
+    if not rows:
+        print(f"report.py: no runs found under {', '.join(args.sources)}", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else (dirs[0] if dirs else Path("."))
+    out.mkdir(parents=True, exist_ok=True)
+    aggs = aggregate(rows)
+    write_markdown(rows, aggs, out / "report.md", args.sources)
+    write_csv(rows, out / "runs.csv")
+    (out / "runs.json").write_text(json.dumps(rows, indent=1, default=str))
+    if not args.no_plots:
+        plot(rows, aggs, out)
+    n_failed = sum(r["status"] != "finished" for r in rows)
+    print(f"report.py: {len(rows)} runs ({n_failed} failed) -> {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

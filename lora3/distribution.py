@@ -330,6 +330,7 @@ class Setup:
 
 
 _CURRENT = Setup()
+_INITIALIZED = None
 
 
 def current() -> Setup:
@@ -351,11 +352,13 @@ def reset() -> None:
 def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
     """`keras.distribution.initialize` (JAX: `jax.distributed.initialize`) once per process."""
     import keras
-    import jax
 
-    if jax.process_count() == num_processes and num_processes > 1:  # already initialised
+    global _INITIALIZED
+    if _INITIALIZED == (coordinator, num_processes, process_id):  # a multirun's next job in this process
         return
+    # (no jax.process_count() here: any such call starts the XLA backend, after which initialize fails)
     keras.distribution.initialize(job_addresses=coordinator, num_processes=num_processes, process_id=process_id)
+    _INITIALIZED = (coordinator, num_processes, process_id)
 
 
 def setup(dist_cfg: Mapping[str, Any] | None, family: str, keras, backend: str | None = None) -> Setup:

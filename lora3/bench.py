@@ -96,6 +96,8 @@ def parse_args(argv=None):
                    help="inference variants timed with generate() (default: base and the last "
                         "--inference-targets unmerged and merged)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the chip's peak dense TFLOP/s in the run's dtype, for MFU (H100/H200 bf16: 989)")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
     p.add_argument("--keep-logs", default=None, help="folder for the workers' logs")
@@ -259,6 +261,7 @@ def aggregate(results, args):
             "median_step_s": med,
             "tokens_per_s": args.batch * (args.enc_len + args.dec_len) / med,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "peak_device_mb": max((r.get("peak_device_mb") or 0.0 for r in runs), default=0.0) or None,
             "trainable_params": first["trainable_params"],
             "total_params": first["total_params"],
             "adapted_layers": first["adapted_layers"],
@@ -266,6 +269,8 @@ def aggregate(results, args):
             "optimizer_bytes": first["optimizer_bytes"],
             "flops_per_step": flops,
             "achieved_gflop_per_s": flops / med / 1e9 if flops else None,
+            # Model FLOP utilisation: executed FLOPs per second over the chip's peak (--peak-tflops).
+            "mfu": flops / med / (args.peak_tflops * 1e12) if flops and args.peak_tflops else None,
             "compile_s": statistics.median(r["compile_s"] for r in runs),
             "repeat_medians_s": [statistics.median(r["step_times_s"]) for r in runs],
             "steps_timed": len(times),

@@ -41,6 +41,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def peak_device_mb():
+    """Peak accelerator memory of this process (MiB), or None on CPU."""
+    if "jax" in sys.modules:
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            stats = device.memory_stats() or {}
+            if "peak_bytes_in_use" in stats:
+                return stats["peak_bytes_in_use"] / 2**20
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        gpus = tf.config.list_logical_devices("GPU")
+        if gpus:
+            return tf.config.experimental.get_memory_info(gpus[0].name)["peak"] / 2**20
+    return None
+
+
 def batch_arrays(spec, vocab):
     """The synthetic batch (numpy): token ids, all-ones masks, targets."""
     import numpy as np
@@ -90,6 +114,7 @@ def main(run):
     t0 = time.perf_counter()
     result.update(run(spec))
     result["peak_rss_mb"] = peak_rss_mb()
+    result["peak_device_mb"] = peak_device_mb()
     result["worker_wall_s"] = time.perf_counter() - t0
     with open(spec["out"], "w") as f:
         json.dump(result, f)

@@ -12,9 +12,9 @@ fi
 export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, keras, keras_hub; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__, 'keras_hub', keras_hub.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 330 python3 -m lora3.bench --model base --backends jax --setups full,lora3-qv,lora3-all_linear,forward-only \
+timeout 300 python3 -m lora3.bench --model base --backends jax --setups full,lora3-qv,lora3-all_linear,forward-only \
   --batch 32 --enc-len 512 --dec-len 512 --dtype mixed_bfloat16 --peak-tflops 989 --repeats 1 --warmup 3 --steps 10 \
-  --ranks "" --inference-backends "" --generate-rounds 0 --timeout 150 --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+  --ranks "" --inference-backends "" --generate-rounds 0 --timeout 120 --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
 for mode in "" "--full"; do
-  timeout 75 python3 experiments/tutorial/memory_probe.py --run 5 $mode 2>&1 | tail -3 | tee -a "$OUT/tutorial_memory.log"
+  timeout 60 python3 experiments/tutorial/memory_probe.py --run 5 $mode 2>&1 | tail -3 | tee -a "$OUT/tutorial_memory.log"
 done

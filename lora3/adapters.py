@@ -331,8 +331,8 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
     with safe_open(weights_path, framework="numpy") as f:
         for p in paths:
             w = wrappers[p]
-            w.lora_A.assign(f.get_tensor(f"{p}/lora_A").astype(np.float32))
-            w.lora_B.assign(f.get_tensor(f"{p}/lora_B").astype(np.float32))
+            w.lora_A.assign(f.get_tensor(f"{p}/lora_A").astype(np.float32, copy=False))  # one tensor at a time
+            w.lora_B.assign(f.get_tensor(f"{p}/lora_B").astype(np.float32, copy=False))
             w.lora_A.trainable = trainable
             w.lora_B.trainable = trainable
     if extra_path is not None:

@@ -168,6 +168,11 @@ def _targets(v):
     return ok, "a role, group or regex (e.g. qv, attention, all_linear) or a list of them"
 
 
+def _step_list(v):
+    ok = isinstance(v, (list, tuple)) and all(_is_int(s) and s > 0 for s in v)
+    return ok, "a list of optimizer steps (positive integers), e.g. [3] or []"
+
+
 def _objective(v):
     ok = isinstance(v, str) and v.split("/", 1)[0] in ("best", "final", "before") and "/" in v
     return ok, 'a metric path like "best/val/bleu", "final/val/loss"'
@@ -200,6 +205,8 @@ CHECKS = [
     ("trainer.jit_compile", _bool),
     ("trainer.keep_checkpoints", _positive_int),
     ("trainer.verbose", _one_of("auto", 0, 1, 2)),
+    ("trainer.skip_nonfinite", _bool),
+    ("trainer.inject_nonfinite_steps", _step_list),
     ("eval.every", _optional(_positive_int)),
     ("eval.num_samples", _nonneg_int),
     ("eval.batch_size", _positive_int),
@@ -354,6 +361,94 @@ def _check_output_dir(out: Path, resume: bool):
         )
 
 
+def _is_input_error(e: BaseException) -> bool:
+    """Errors in the config, data, model choice or adapter: found before training starts."""
+    return isinstance(e, Lora3Error) and type(e).__name__ not in ("TrainingError", "JobFailed", "RunDirBusy")
+
+
+class RunDirBusy(AppConfigError):
+    """Another process is running a job in the same directory."""
+
+
+def _lock_run_dir(out: Path):
+    """An exclusive flock on the run directory itself (released when the process dies, even by SIGKILL)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunDirBusy(
+            f"{out} is in use by another lora3 process (a run or a sweep job started at the same time); "
+            "wait for it to finish, or choose another hydra.run.dir / hydra.sweep.dir"
+        ) from None
+    return fd
+
+
+def _unlock_run_dir(fd):
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _run_dir_busy(out: Path) -> bool:
+    if not out.is_dir():
+        return False
+    try:
+        _unlock_run_dir(_lock_run_dir(out))
+        return False
+    except RunDirBusy:
+        return True
+
+
+_KEEP_ON_INPUT_ERROR = ("run.log", ".hydra", "error.json")
+
+
+def _remove_new_entries(out: Path, existed: set | None):
+    """Removes what a job that failed on bad input created in `out` (not the job's log)."""
+    import shutil
+
+    if not out.is_dir():
+        return
+    for name in set(os.listdir(out)) - (existed or set()) - set(_KEEP_ON_INPUT_ERROR):
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if existed is None and not os.listdir(out):
+        out.rmdir()
+
+
+def unique_dir(path: str) -> str:
+    """OmegaConf resolver `${unique_dir:<path>}`: claims `<path>` (or `<path>-1`, `-2`, ...) by an atomic
+    mkdir, so two runs or sweeps started in the same second never share a directory."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(100000):
+        cand = p if i == 0 else p.with_name(f"{p.name}-{i}")
+        try:
+            cand.mkdir()
+            return str(cand)
+        except FileExistsError:
+            continue
+    raise AppConfigError(f"could not claim a fresh directory next to {p}")
+
+
+def _register_unique_dir():
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("unique_dir"):
+        # use_cache: one claim per config (Hydra copies the cache into each job of a sweep)
+        OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
+
+
+_register_unique_dir()
+
+
 # ---------------------------------------------------------------- the job
 
 
@@ -379,6 +474,19 @@ def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None
         log.info("resume=true: %s already finished; nothing to do", out)
         return metrics
 
+    existed = set(os.listdir(out)) if out.is_dir() else None
+    lock = _lock_run_dir(out)  # one process per run directory (two sweeps, two runs, a stale resume)
+    try:
+        return _run_job_body(plain, out, job, callbacks, t_start)
+    except Lora3Error as e:
+        if _is_input_error(e):  # bad input: leave nothing behind but the job's log
+            _remove_new_entries(out, existed)
+        raise
+    finally:
+        _unlock_run_dir(lock)
+
+
+def _run_job_body(plain, out, job, callbacks, t_start) -> dict:
     preflight(plain, job)                                       # offline: fail now, naming what to use instead
     from lora3 import data as data_mod                          # 2. data (no keras needed)
 
@@ -410,6 +518,10 @@ def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None
     flat = tracking.flatten({k: v for k, v in plain.items() if k != "wandb"})
     flat.update({"backend": keras.backend.backend(), "choices": job.get("choices", {}),
                  "data.fingerprint": data.info["fingerprint"], "output_dir": str(out)})
+    import keras_hub  # noqa: F401  (the model needs it anyway; versions() reports imported modules)
+
+    flat.update(tracking.flatten({"versions": backend.versions(),
+                                  "data.files_sha256": data.info.get("files_sha256") or {}}))
     tags = [plain["model"]["name"], plain["lora"]["mode"], keras.backend.backend(), data.info["name"],
             *plain["wandb"].get("tags", [])]
     tracker = tracking.start(
@@ -593,6 +705,7 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
         "params": params,
         "steps": max_steps,
         "resumed_from": result["resumed_from"],
+        "nonfinite_skipped": result.get("nonfinite_skipped", 0),
         "before": {k: v for k, v in before.items() if k.startswith(("val/", "test/"))},
         "final": final,
         "best": best,
@@ -603,6 +716,7 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
         "choices": dict(job.get("choices", {})),
     }
     metrics["objective"] = {"name": plain["objective"], "value": _objective_value(metrics, plain["objective"])}
+    tracker.summary({"train/nonfinite_skipped": metrics["nonfinite_skipped"]})
     tracker.summary({f"final/{k}": v for k, v in final.items() if v is not None})
     tracker.summary({f"best/{k}": v for k, v in best.items()})
     tracker.summary({f"before/{k}": v for k, v in metrics["before"].items()})
@@ -829,12 +943,105 @@ def summarize_sweep(sweep_dir: Path) -> dict:
     return summary
 
 
+def precheck(argv: list[str]) -> int:
+    """The command line's check before Hydra creates anything: for a single run (not -m), composes the
+    config from `argv`, validates it, checks the output directory and reads the data. Returns 0 when
+    the run may start, else prints the problem (no traceback unless HYDRA_FULL_ERROR=1) and returns 1.
+
+    So a bad value, a bad data file or a finished run directory leave no file at all (not even
+    Hydra's `.hydra/` or `run.log`). What needs keras (targets that match nothing, a rank above a
+    layer's width, sequences over the limits) is found by the job itself, which then removes
+    whatever it created except `.hydra/` and `run.log` (the job's log). A sweep (-m) is not
+    prechecked: a bad combination fails its own job and the others go on.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, unknown = get_args_parser().parse_known_args(argv)
+    except SystemExit:
+        return 0  # let Hydra report its own usage error
+    if (unknown or args.multirun or args.help or args.hydra_help or args.cfg or args.info
+            or args.shell_completion or args.config_path or args.config_name or args.config_dir
+            or getattr(args, "experimental_rerun", None)):
+        return 0
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="lora3"):
+            cfg = compose("config", overrides=list(args.overrides), return_hydra_config=True)
+    except ConfigCompositionException as e:
+        import re
+
+        m = re.search(r"Could not override '([^']+)'", str(e))
+        hint = _unknown_key_hint(m.group(1)) if m and not full_error else ""
+        if not hint:
+            return 0  # Hydra reports composition errors itself (naming the valid options), before creating anything
+        print(f"[lora3] error: {m.group(1)} is not a key of the config {hint}", file=sys.stderr)
+        return 1
+    except Exception:
+        return 0
+    try:
+        hydra_raw = OmegaConf.to_container(cfg.hydra.run, resolve=False)
+        task = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
+                                 if k != "hydra"})
+        plain = validate(task)
+        run_dir = str(hydra_raw.get("dir", ""))
+        if "unique_dir" not in run_dir:  # a fresh directory from unique_dir holds nothing: don't claim it here
+            out = Path(str(OmegaConf.select(cfg, "hydra.run.dir"))).resolve()
+            if not (plain["resume"] and (out / "metrics.json").is_file()):
+                _check_output_dir(out, plain["resume"])
+            if _run_dir_busy(out):
+                raise RunDirBusy(f"{out} is in use by another lora3 process; wait for it to finish, "
+                                 "or choose another hydra.run.dir")
+        if (plain.get("data") or {}).get("source") not in ("wmt16",):
+            from lora3 import data as data_mod
+
+            data_mod.load(plain["data"], seed=plain["seed"])
+    except Lora3Error as e:
+        if full_error:
+            raise
+        print(f"[lora3] error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _unknown_key_hint(full: str) -> str:
+    """For an override of a key the config lacks: the valid keys at that level and the closest one
+    ("" when the key exists, so the error was something else)."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+
+    parent, _, leaf = full.lstrip("+~").rpartition(".")
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="lora3"):
+            cfg = compose("config")
+        node = cfg
+        for part in filter(None, parent.split(".")):
+            node = node[part]
+        keys = sorted(str(k) for k in node.keys())
+    except Exception:
+        return ""
+    if leaf in keys:
+        return ""
+    close = difflib.get_close_matches(leaf, keys, n=1)
+    where = parent or "the top level"
+    return (f"(valid keys under {where}: {', '.join(keys)}"
+            + (f"; did you mean {(parent + '.') if parent else ''}{close[0]}?" if close else "") + ")")
+
+
 def main():
     if len(sys.argv) >= 3 and sys.argv[1] == "--lora3-child":
         sys.exit(_child_main(sys.argv[2]))
     import hydra
 
     os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    rc = precheck(sys.argv[1:])
+    if rc:
+        sys.exit(rc)
     hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(hydra_task)()
 
 

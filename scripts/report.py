@@ -150,7 +150,8 @@ def row_from_wandb(name: str, rec: dict, cfg: dict | None = None) -> dict:
         "targets": _targets_str(c.get("lora.targets")) if mode == "lora" else None,
         "rslora": bool(c.get("lora.rslora")) if mode == "lora" else None,
         "seed": c.get("seed"),
-        "trainable": summ("params/trainable"), "trainable_pct": summ("params/trainable_percent"),
+        "trainable": None if summ("params/trainable") is None else int(summ("params/trainable")),
+        "trainable_pct": summ("params/trainable_percent"),
         "bleu_before": summ("before/val/bleu"),
         "best_bleu": summ("best/val/bleu") if summ("best/val/bleu") is not None else summ("val/bleu", "max"),
         "best_chrf": summ("best/val/chrf") if summ("best/val/chrf") is not None else summ("val/chrf", "max"),
@@ -191,13 +192,15 @@ def collect_dirs(roots: list[Path], wandb_files: bool = False) -> list[dict]:
                 if not (d / "metrics.json").is_file() and row["status"] == "finished":
                     row.update(status="failed", error="no metrics.json (the W&B run finished, the job did not)")
                 elif not (d / "metrics.json").is_file():
-                    row["error"] = f"no metrics.json or error.json (killed?); {row['error']}"
+                    row.update(status="incomplete",
+                               error=f"no metrics.json or error.json (killed, or still running); {row['error']}")
                 rows.append(row)
                 continue
             except Exception as e:  # unreadable W&B files: still a row
                 rows.append(_failed(name, cfg, f"no metrics.json; W&B files unreadable: {e}"))
                 continue
-        rows.append(_failed(name, cfg, "no metrics.json or error.json (killed or still running?)"))
+        rows.append({**_failed(name, cfg, "no metrics.json or error.json (killed, or still running)"),
+                     "status": "incomplete"})
     return rows
 
 
@@ -292,7 +295,8 @@ def write_markdown(rows: list[dict], aggs: list[dict], path: Path, sources: list
         "# lora3 runs",
         "",
         f"Collected by `scripts/report.py` from: {', '.join(f'`{s}`' for s in sources)}. "
-        f"{len(rows)} runs: {len(rows) - len(failed)} finished, {len(failed)} failed.",
+        f"{len(rows)} runs: {len(rows) - len(failed)} finished, {len(failed)} failed or incomplete "
+        "(listed below with their error).",
         "BLEU/chrF: sacrebleu corpus scores on the fixed validation subset (`eval.num_samples`); "
         "best = best evaluation during training; loss = teacher-forced validation loss at the end.",
         "",

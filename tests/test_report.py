@@ -63,7 +63,7 @@ def test_report_on_fabricated_sweep(tmp_path):
     assert "non-finite training loss at step 7" in md and "killed" in md  # failures are listed, not dropped
     by_run = {r["run"]: r for r in rows}
     assert by_run["sweep/failed"]["status"] == "failed" and by_run["sweep/failed"]["rank"] == "64"
-    assert by_run["sweep/killed"]["status"] == "failed"
+    assert by_run["sweep/killed"]["status"] == "incomplete"
     assert by_run["sweep/full1"]["mode"] == "full" and float(by_run["sweep/full1"]["best_bleu"]) == 42
     # the aggregate table: full has 2 seeds, mean 41
     assert "| full | t5_tiny | 100.000 | 2 | 41.00 |" in md

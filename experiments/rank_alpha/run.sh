@@ -22,12 +22,13 @@ piece() {  # piece <name> <overrides...>
   grep -E "^\[lora3\] sweep|^  [0-9]+ |piece $name" "$ROOT/$name.log"
 }
 mkdir -p "$ROOT"
-for p in ${PIECES:-a8 base all2r qv2r allr all16 rs16 seeds}; do
+for p in ${PIECES:-a8 base qv8 all2r qv2r allr all16 rs16 seeds}; do
   case $p in
     a8)    piece a8 targets=all_linear rank=8 alpha=16 ;;                         # the headline cell
     base)  piece base lora=full,none ;;                                            # baselines, seed 0
+    qv8)   piece qv8 targets=qv rank=8 alpha=16 ;;                                 # the default run's cell
     all2r) piece all2r targets=all_linear rank=1,2,4,16,32,64 "$A2R" ;;            # all_linear alpha=2r
-    qv2r)  piece qv2r targets=qv rank=$R "$A2R" ;;                                 # qv alpha=2r
+    qv2r)  piece qv2r targets=qv rank=1,2,4,16,32,64 "$A2R" ;;                     # qv alpha=2r (8 is qv8)
     allr)  piece allr targets=all_linear rank=1,2,4,8,32,64 "$AR" ;;               # alpha=r (16 is in all16)
     all16) piece all16 targets=all_linear rank=1,2,4,16,32,64 alpha=16 ;;          # alpha=16 (8 is a8)
     rs16)  piece rs16 targets=all_linear rank=$R alpha=16 lora.rslora=true ;;      # rsLoRA, alpha=16

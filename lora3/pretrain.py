@@ -132,7 +132,9 @@ def source_name(b: Mapping[str, Any]) -> str:
 
 def summary(info: Mapping[str, Any], path: Path | str) -> dict:
     """The part of base_info.json a run records (metrics.json `model.base`)."""
-    return {"path": str(path), "key": info.get("key"), "source_task": info.get("source_task"),
+    task = dict(info.get("source_task") or {})
+    task.setdefault("name", f"synthetic/{task.get('variant')}")
+    return {"path": str(path), "key": info.get("key"), "source_task": task,
             "source_val": {k: v for k, v in (info.get("source_val") or {}).items() if k != "signatures"},
             "steps": (info.get("spec") or {}).get("base", {}).get("steps"),
             "build_seconds": info.get("build_seconds"), "built_on": info.get("backend")}

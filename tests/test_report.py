@@ -78,13 +78,17 @@ def test_report_on_fabricated_sweep(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_report_reads_a_real_run_and_its_offline_wandb_files(compose, tmp_path, backend_name, lora3_cache):
+def test_report_reads_a_real_run_and_its_offline_wandb_files(compose, tmp_path, backend_name, lora3_cache, capsys):
     from lora3.run import run_job
 
     report = _report_module()
     sweep = tmp_path / "sweep"
     m = run_job(compose(["experiment=smoke", f"backend={backend_name}", f"cache_dir={lora3_cache}",
                          "wandb.mode=offline", "rank=2", "alpha=4", "targets=all_linear"]), sweep / "0")
+    printed = capsys.readouterr().out
+    # base-then-adapt: the run adapts the cached trained base and says how the frozen base scored
+    assert m["model"]["base"]["source_task"]["variant"] == "base" and m["data"]["variant"] == "shift"
+    assert "frozen base BLEU" in printed and "LoRA BLEU" in printed and "of the params trainable" in printed
     rows = report.collect_dirs([sweep])
     assert len(rows) == 1
     r = rows[0]

@@ -1,6 +1,5 @@
 """W&B tracking: offline runs read back from their files, one run per job, failed runs marked."""
 
-import json
 
 import pytest
 

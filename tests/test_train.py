@@ -1,7 +1,6 @@
 """Training: schedule, data order, atomic checkpoints, resume equals an uninterrupted run."""
 
 import json
-import os
 
 import numpy as np
 import pytest

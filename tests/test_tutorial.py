@@ -4,7 +4,6 @@ end to end on local things (a tiny T5 preset written with save_to_preset, the Mu
 import json
 import math
 import time
-from pathlib import Path
 
 import pytest
 

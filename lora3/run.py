@@ -615,8 +615,12 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
         test_subset = dict(sources=data.sources("test")[:n_test], inputs=data.inputs("test")[:n_test],
                            references=data.targets("test")[:n_test])
 
+        test_arrays, test_bs = dist_mod.pad_eval(tuple(test_arrays), ev_cfg["batch_size"])  # as val_arrays
+        if dist_mod.current().multi_process:
+            test_subset = dict(sources=[], inputs=[], references=[])
+
         def test_fn() -> dict:
-            return ev.evaluate(bundle, **test_subset, arrays=tuple(test_arrays), batch_size=ev_cfg["batch_size"],
+            return ev.evaluate(bundle, **test_subset, arrays=test_arrays, batch_size=test_bs,
                                src_len=src_len, max_length=gen_len, prefix="test")
 
     print(f"[lora3] {plain['model']['name']} on {keras.backend.backend()}: {params['total']:,} params, "

@@ -19,8 +19,7 @@ TEXT = [
 ] * 20
 
 
-@functools.lru_cache(maxsize=None)
-def spm_proto(vocab_size=64):
+def _train_spm(vocab_size, **special):
     """A SentencePiece model trained here on a few sentences (bytes)."""
     import sentencepiece as spm
 
@@ -30,15 +29,27 @@ def spm_proto(vocab_size=64):
         model_writer=out,
         vocab_size=vocab_size,
         model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
         character_coverage=1.0,
         hard_vocab_limit=False,
         minloglevel=2,
+        **special,
     )
     return out.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def spm_proto(vocab_size=64):
+    """T5's ids: pad 0, eos 1, unk 2, no bos."""
+    return _train_spm(vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def gemma_proto(vocab_size=64):
+    """Gemma's ids and pieces: pad 0, eos 1, bos 2, unk 3, plus its chat-turn symbols."""
+    return _train_spm(
+        vocab_size, pad_id=0, bos_id=2, eos_id=1, unk_id=3, pad_piece="<pad>", bos_piece="<bos>",
+        eos_piece="<eos>", unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+    )
 
 
 def t5_backbone(vocab=64, layers=2, hidden=16, heads=2, ff=32, gated=True, **kw):
@@ -92,32 +103,6 @@ def gemma_lm(seq_len=16, **kw):
     backbone = gemma_backbone(vocab=tokenizer.vocabulary_size(), **kw)
     pre = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer=tokenizer, sequence_length=seq_len)
     return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=pre)
-
-
-@functools.lru_cache(maxsize=None)
-def gemma_proto(vocab_size=64):
-    import sentencepiece as spm
-
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT),
-        model_writer=out,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        pad_id=0,
-        bos_id=2,
-        eos_id=1,
-        unk_id=3,
-        pad_piece="<pad>",
-        bos_piece="<bos>",
-        eos_piece="<eos>",
-        unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    return out.getvalue()
 
 
 def t5_inputs(batch=2, enc=6, dec=5, vocab=64, seed=0):

@@ -289,6 +289,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _std(a: dict) -> str:
+    return f"{a['bleu_std']:.2f}" if a["n"] > 1 else "–"
+
+
 def write_markdown(rows: list[dict], aggs: list[dict], path: Path, sources: list[str]):
     failed = [r for r in rows if r["status"] != "finished"]
     lines = [
@@ -302,13 +306,21 @@ def write_markdown(rows: list[dict], aggs: list[dict], path: Path, sources: list
         "",
     ]
     if aggs:
+        ref = {(a["model"], a["mode"]): a["bleu_mean"] for a in aggs if a["mode"] in ("full", "none")}
         lines += ["## Per configuration (mean over seeds)", "",
-                  "| config | model | trainable % | seeds | best BLEU mean | ± std | min | max | best chrF mean |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "`of full` = mean best BLEU / full fine-tuning's; `gap closed` = (BLEU − frozen base) / "
+                  "(full − frozen base), both against the same model's `full` and `none` rows.", "",
+                  "| config | model | trainable % | seeds | best BLEU mean | ± std | min | max | best chrF mean "
+                  "| of full | gap closed |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for a in aggs:
+            full, none = ref.get((a["model"], "full")), ref.get((a["model"], "none"))
+            of_full = f"{100 * a['bleu_mean'] / full:.0f}%" if full else ""
+            gap = (f"{100 * (a['bleu_mean'] - none) / (full - none):.0f}%"
+                   if full is not None and none is not None and full != none else "")
             lines.append(f"| {a['label']} | {a['model']} | {_fmt(a['trainable_pct'], 3)} | {a['n']} | "
-                         f"{a['bleu_mean']:.2f} | {a['bleu_std']:.2f} | {a['bleu_min']:.2f} | {a['bleu_max']:.2f} | "
-                         f"{_fmt(a['chrf_mean'])} |")
+                         f"{a['bleu_mean']:.2f} | {_std(a)} | "
+                         f"{a['bleu_min']:.2f} | {a['bleu_max']:.2f} | {_fmt(a['chrf_mean'])} | {of_full} | {gap} |")
         lines.append("")
     lines += ["## Every run", "",
               "| run | status | model | backend | mode | rank | alpha | targets | rsLoRA | seed | trainable | "

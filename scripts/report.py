@@ -119,7 +119,8 @@ def row_from_metrics(name: str, m: dict, cfg: dict) -> dict:
         "tokens_per_s": _num((m.get("perf") or {}).get("tokens_per_s")),
         "wall_s": _num((m.get("perf") or {}).get("wall_seconds")),
         "error": None,
-        "curve": [(h["step"], h["val/loss"]) for h in hist],
+        "curve": ([(0, m["before"]["val/loss"])] if hist and (m.get("before") or {}).get("val/loss") is not None
+                  else []) + [(h["step"], h["val/loss"]) for h in hist],
     }
 
 
@@ -422,7 +423,8 @@ def plot(rows: list[dict], aggs: list[dict], out: Path) -> list[Path]:
     written.append(p)
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    finished = [r for r in rows if r["status"] == "finished" and r.get("curve")]
+    finished = sorted((r for r in rows if r["status"] == "finished" and r.get("curve")),
+                      key=lambda r: (r["mode"] != "lora", r.get("rank") or 0, str(r.get("targets"))))
     cmap = plt.get_cmap("viridis")
     ranks = sorted({r["rank"] for r in finished if r.get("rank")})
     shown = set()

@@ -95,7 +95,7 @@ def test_report_reads_a_real_run_and_its_offline_wandb_files(compose, tmp_path, 
     assert r["status"] == "finished" and r["rank"] == 2 and r["alpha"] == 4 and r["targets"] == "all_linear"
     assert r["backend"] == backend_name and r["best_bleu"] == pytest.approx(m["best"]["val/bleu"])
     assert r["trainable_pct"] == pytest.approx(m["params"]["trainable_percent"]) and r["tokens_per_s"] > 0
-    assert [s for s, _ in r["curve"]] == [h["step"] for h in m["history"]]
+    assert [s for s, _ in r["curve"]] == [0] + [h["step"] for h in m["history"]]
     # the same run read back from its offline W&B files only
     w = report.collect_dirs([sweep], wandb_files=True)[0]
     assert w["status"] == "finished" and w["rank"] == 2 and w["targets"] == "all_linear"

@@ -22,7 +22,7 @@ piece() {  # piece <name> <overrides...>
   grep -E "^\[lora3\] sweep|^  [0-9]+ |piece $name" "$ROOT/$name.log"
 }
 mkdir -p "$ROOT"
-for p in ${PIECES:-a8 base qv8 all2r qv2r allr all16 rs16 seeds}; do
+for p in ${PIECES:-a8 base qv8 all2r qv2r seeds all16 rs16 allr lr}; do
   case $p in
     a8)    piece a8 targets=all_linear rank=8 alpha=16 ;;                         # the headline cell
     base)  piece base lora=full,none ;;                                            # baselines, seed 0
@@ -34,6 +34,8 @@ for p in ${PIECES:-a8 base qv8 all2r qv2r allr all16 rs16 seeds}; do
     rs16)  piece rs16 targets=all_linear rank=$R alpha=16 lora.rslora=true ;;      # rsLoRA, alpha=16
     seeds) piece seeds_lora targets=all_linear rank=8 alpha=16 seed=1,2
            piece seeds_base lora=full,none seed=1,2 ;;
+    lr)    piece lr_full lora=full trainer.lr=1e-3                                # is full FT's lr fair?
+           piece lr_lora targets=all_linear rank=8 alpha=16 trainer.lr=1e-2 ;;     # is LoRA's?
   esac
 done
 python scripts/report.py "$ROOT" --out experiments/rank_alpha

@@ -204,3 +204,19 @@ def test_dropout_only_in_training_and_only_on_lora_path():
     assert not np.allclose(lora_term, (x @ A) @ B, atol=1e-3)
     # Each row's LoRA term is (mask * x / 0.5) @ A @ B: solvable, so check it is in that set.
     assert np.all(np.isfinite(trained))
+
+
+def test_mixed_precision_keeps_float32_variables():
+    """Under mixed_bfloat16, A and B stay float32 variables and the output matches float32 math
+    within bfloat16 rounding."""
+    rng = np.random.default_rng(7)
+    layer = keras.layers.Dense(16, dtype="mixed_bfloat16", name="proj")
+    layer.build((None, 32))
+    lora = LoRADense(layer, rank=4, alpha=8)
+    assert lora.lora_A.dtype == "float32" and lora.compute_dtype == "bfloat16"
+    A, B = _set(lora.lora_A, rng), _set(lora.lora_B, rng)
+    x = rng.normal(size=(8, 32)).astype("float32")
+    y = lora(x)
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    expected = x @ _np(layer.kernel) + _np(layer.bias) + 2.0 * (x @ A) @ B
+    np.testing.assert_allclose(_np(keras.ops.cast(y, "float32")), expected, rtol=0.05, atol=0.1)

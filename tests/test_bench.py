@@ -1,8 +1,9 @@
 """`python -m lora3.bench` at a tiny size: it runs, exits 0 and writes bench.json with the issue's fields.
 
 No timing assertions here: performance lives in the benchmark (experiments/benchmarks/).
-One invocation per backend (KERAS_BACKEND picks it, as for the rest of the suite); the PEFT
-setup runs when torch, transformers and peft are installed and is reported as skipped otherwise.
+The bench starts its own worker process per setup and backend, so one invocation (in the JAX pass
+of the suite) covers JAX and TensorFlow; the PEFT setup runs when torch, transformers and peft are
+installed and is reported as skipped otherwise.
 """
 
 import importlib.util
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BACKEND = os.environ.get("KERAS_BACKEND", "jax")
+BACKEND = "jax"  # rank sweep and inference run on this one; training setups on both
+BACKENDS = ("jax", "tensorflow")
+pytestmark = pytest.mark.one_backend  # the bench picks each worker's backend itself
 
 HAVE_PEFT = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
 
@@ -35,7 +38,7 @@ def bench(tmp_path_factory):
         "--repeats", "1", "--warmup", "1", "--steps", "1",
         "--setups", "full,lora3-all_linear,peft-all_linear",
         "--rank", "4", "--ranks", "4", "--rank-backends", BACKEND,
-        "--backends", BACKEND, "--inference-backends", BACKEND,
+        "--backends", ",".join(BACKENDS), "--inference-backends", BACKEND,
         "--inference-targets", "all_linear", "--inference-rounds", "1", "--generate-rounds", "1", "--generate-variants", "base",
         "--out", str(out),
     ]
@@ -57,20 +60,22 @@ def test_exits_zero_and_prints_tables(bench):
 def test_records_have_the_issue_fields(bench):
     _, report = bench
     names = {(r["name"], r["backend"]) for r in report["records"]}
-    assert ("full", BACKEND) in names and ("lora3-all_linear", BACKEND) in names
+    for backend in BACKENDS:
+        assert ("full", backend) in names and ("lora3-all_linear", backend) in names
     for r in report["records"]:
         assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
         assert r["median_step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
         assert r["optimizer_variables"] > 0 and r["optimizer_bytes"] > 0
     recs = {(r["name"], r["backend"]): r for r in report["records"]}
-    full, lora = recs[("full", BACKEND)], recs[("lora3-all_linear", BACKEND)]
-    assert full["ratio_to_full"] == pytest.approx(1.0)
-    assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
-    assert lora["optimizer_bytes"] < full["optimizer_bytes"]
-    assert lora["rank"] == 4 and lora["adapted_layers"] > 0
-    assert "ratio_to_keras" in lora and "ratio_to_peft" in lora
-    if BACKEND == "jax":  # XLA cost analysis
-        assert full["flops_per_step"] > lora["flops_per_step"] > 0
+    for backend in BACKENDS:
+        full, lora = recs[("full", backend)], recs[("lora3-all_linear", backend)]
+        assert full["ratio_to_full"] == pytest.approx(1.0)
+        assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+        assert lora["optimizer_bytes"] < full["optimizer_bytes"]
+        assert lora["rank"] == 4 and lora["adapted_layers"] > 0
+        assert "ratio_to_keras" in lora and "ratio_to_peft" in lora
+        if backend == "jax":  # XLA cost analysis
+            assert full["flops_per_step"] > lora["flops_per_step"] > 0
 
 
 def test_peft_record_or_skip_note(bench):
@@ -89,8 +94,9 @@ def test_peft_record_or_skip_note(bench):
 
 def test_rank_scaling_inference_targets_meta(bench):
     _, report = bench
-    assert [r["rank"] for r in report["rank_scaling"]] == [4]
-    assert report["rank_scaling"][0]["ratio_to_r4"] == pytest.approx(1.0)
+    sweep = [r for r in report["rank_scaling"] if r["backend"] == BACKEND]
+    assert [r["rank"] for r in sweep] == [4]
+    assert sweep[0]["ratio_to_r4"] == pytest.approx(1.0)
     variants = {v["variant"]: v for v in report["inference"]}
     assert set(variants) == {"base", "all_linear-unmerged", "all_linear-merged"}
     assert variants["base"]["forward_ratio_to_base"] == pytest.approx(1.0)

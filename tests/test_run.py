@@ -126,6 +126,7 @@ def test_cli_multirun_2x2_each_job_its_dir_and_wandb_run(run_cli, tmp_path, back
 
 
 @pytest.mark.slow
+@pytest.mark.one_backend  # Hydra's sweep bookkeeping does not depend on the backend
 def test_cli_failing_job_does_not_stop_the_sweep(run_cli, tmp_path, backend_name, lora3_cache):
     sweep = tmp_path / "sweep"
     r = run_cli("-m", "rank=0,2", *smoke(backend_name, lora3_cache), "trainer.max_steps=2", "eval.before=false",
@@ -153,6 +154,7 @@ def test_cli_backend_multirun_runs_each_job_on_its_backend(run_cli, tmp_path, lo
 
 
 @pytest.mark.slow
+@pytest.mark.one_backend  # the sweeper does not depend on the backend
 def test_cli_optuna_search_returns_the_objective(run_cli, tmp_path, backend_name, lora3_cache):
     sweep = tmp_path / "opt"
     r = run_cli("hparams_search=optuna", "hydra.sweeper.n_trials=2", *smoke(backend_name, lora3_cache),

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-COLUMNS = ["run", "status", "model", "backend", "mode", "rank", "alpha", "targets", "rslora", "seed",
+COLUMNS = ["run", "status", "model", "backend", "mode", "rank", "alpha", "targets", "rslora", "lr", "seed",
            "trainable", "trainable_pct", "bleu_before", "best_bleu", "best_chrf", "final_bleu", "final_val_loss",
            "tokens_per_s", "wall_s", "error"]
 
@@ -109,7 +109,7 @@ def row_from_metrics(name: str, m: dict, cfg: dict) -> dict:
         "alpha": lora.get("alpha") if mode == "lora" else None,
         "targets": _targets_str(lora.get("targets")) if mode == "lora" else None,
         "rslora": bool(lora.get("rslora")) if mode == "lora" else None,
-        "seed": m.get("seed", cfg.get("seed")),
+        "seed": m.get("seed", cfg.get("seed")), "lr": _num((cfg.get("trainer") or {}).get("lr")),
         "trainable": params.get("trainable"), "trainable_pct": _num(params.get("trainable_percent")),
         "bleu_before": _num((m.get("before") or {}).get("val/bleu")),
         "best_bleu": _num((m.get("best") or {}).get("val/bleu")),
@@ -150,7 +150,7 @@ def row_from_wandb(name: str, rec: dict, cfg: dict | None = None) -> dict:
         "alpha": c.get("lora.alpha") if mode == "lora" else None,
         "targets": _targets_str(c.get("lora.targets")) if mode == "lora" else None,
         "rslora": bool(c.get("lora.rslora")) if mode == "lora" else None,
-        "seed": c.get("seed"),
+        "seed": c.get("seed"), "lr": _num(c.get("trainer.lr")),
         "trainable": None if summ("params/trainable") is None else int(summ("params/trainable")),
         "trainable_pct": summ("params/trainable_percent"),
         "bleu_before": summ("before/val/bleu"),
@@ -263,24 +263,29 @@ def _fmt(v, digits=2):
     return str(v)
 
 
-def config_label(r: dict) -> str:
+def config_label(r: dict, common_lr=None) -> str:
+    lr = f" lr={r['lr']:g}" if r.get("lr") is not None and common_lr is not None and r["lr"] != common_lr else ""
     if r.get("mode") != "lora":
-        return str(r.get("mode"))
-    return f"{r['targets']} r={r['rank']} α={_fmt(_num(r['alpha']), 0)}{' rsLoRA' if r.get('rslora') else ''}"
+        return str(r.get("mode")) + lr
+    return f"{r['targets']} r={r['rank']} α={_fmt(_num(r['alpha']), 0)}{' rsLoRA' if r.get('rslora') else ''}{lr}"
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
     """Mean/std/min/max of best BLEU over seeds per (model, backend, mode, targets, rank, alpha, rslora)."""
     groups = defaultdict(list)
+    lrs = [r.get("lr") for r in rows if r.get("lr") is not None]
+    common_lr = max(set(lrs), key=lrs.count) if lrs else None
     for r in rows:
         if r["status"] == "finished" and r.get("best_bleu") is not None:
-            key = (r.get("model"), r.get("mode"), r.get("targets"), r.get("rank"), _num(r.get("alpha")), r.get("rslora"))
+            key = (r.get("model"), r.get("mode"), r.get("targets"), r.get("rank"), _num(r.get("alpha")), r.get("rslora"),
+                   r.get("lr"))
             groups[key].append(r)
     out = []
     for key, rs in groups.items():
         b = [r["best_bleu"] for r in rs]
         c = [r["best_chrf"] for r in rs if r.get("best_chrf") is not None]
-        out.append({"label": config_label(rs[0]), "model": key[0], "mode": key[1], "targets": key[2], "rank": key[3],
+        out.append({"label": config_label(rs[0], common_lr), "lr": key[6], "common_lr": key[6] in (None, common_lr),
+                    "model": key[0], "mode": key[1], "targets": key[2], "rank": key[3],
                     "alpha": key[4], "rslora": key[5], "n": len(rs), "bleu_mean": statistics.fmean(b),
                     "bleu_std": statistics.stdev(b) if len(b) > 1 else 0.0, "bleu_min": min(b), "bleu_max": max(b),
                     "chrf_mean": statistics.fmean(c) if c else None,
@@ -307,7 +312,8 @@ def write_markdown(rows: list[dict], aggs: list[dict], path: Path, sources: list
         "",
     ]
     if aggs:
-        ref = {(a["model"], a["mode"]): a["bleu_mean"] for a in aggs if a["mode"] in ("full", "none")}
+        ref = {(a["model"], a["mode"]): a["bleu_mean"] for a in aggs
+               if a["mode"] in ("full", "none") and a["common_lr"]}
         lines += ["## Per configuration (mean over seeds)", "",
                   "`of full` = mean best BLEU / full fine-tuning's; `gap closed` = (BLEU − frozen base) / "
                   "(full − frozen base), both against the same model's `full` and `none` rows.", "",
@@ -324,9 +330,9 @@ def write_markdown(rows: list[dict], aggs: list[dict], path: Path, sources: list
                          f"{a['bleu_min']:.2f} | {a['bleu_max']:.2f} | {_fmt(a['chrf_mean'])} | {of_full} | {gap} |")
         lines.append("")
     lines += ["## Every run", "",
-              "| run | status | model | backend | mode | rank | alpha | targets | rsLoRA | seed | trainable | "
+              "| run | status | model | backend | mode | rank | alpha | targets | rsLoRA | lr | seed | trainable | "
               "trainable % | BLEU before | best BLEU | best chrF | final val loss | tokens/s | error |",
-              "|---|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         err = (r.get("error") or "").replace("|", "\\|").replace("\n", " ")
         if len(err) > 200:
@@ -334,7 +340,8 @@ def write_markdown(rows: list[dict], aggs: list[dict], path: Path, sources: list
         lines.append("| " + " | ".join([
             r["run"], r["status"], _fmt(r.get("model")), _fmt(r.get("backend")), _fmt(r.get("mode")),
             _fmt(r.get("rank")), _fmt(_num(r.get("alpha")), 0) if r.get("alpha") is not None else "",
-            _fmt(r.get("targets")), _fmt(r.get("rslora")), _fmt(r.get("seed")), _fmt(r.get("trainable")),
+            _fmt(r.get("targets")), _fmt(r.get("rslora")), f"{r['lr']:g}" if r.get("lr") is not None else "",
+            _fmt(r.get("seed")), _fmt(r.get("trainable")),
             _fmt(r.get("trainable_pct"), 3), _fmt(r.get("bleu_before")), _fmt(r.get("best_bleu")),
             _fmt(r.get("best_chrf")), _fmt(r.get("final_val_loss"), 4), _fmt(r.get("tokens_per_s"), 0), err,
         ]) + " |")
@@ -368,7 +375,7 @@ def series(aggs: list[dict]) -> dict:
     where that α was run at more than one rank."""
     lines = defaultdict(dict)
     for a in aggs:
-        if a["mode"] != "lora":
+        if a["mode"] != "lora" or not a.get("common_lr", True):
             continue
         for rule in _alpha_rules(a["rank"], a["alpha"]):
             label = f"{a['targets']} {rule}{' rsLoRA' if a['rslora'] else ''}"
@@ -376,7 +383,8 @@ def series(aggs: list[dict]) -> dict:
     out = {}
     for label, pts in lines.items():
         fixed = "α=r" not in label and "α=2r" not in label
-        if fixed and len(pts) < 2:
+        # a fixed α that only coincides with r or 2r at a couple of ranks is not a line of the sweep
+        if len(pts) < (3 if fixed else 2):
             continue
         out[label] = [pts[k] for k in sorted(pts)]
     # a fixed α equal to r or 2r at one rank duplicates that line's point only: keep it only with >1 rank
@@ -390,7 +398,7 @@ def plot(rows: list[dict], aggs: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     lines = series(aggs)
     for i, (label, pts) in enumerate(sorted(lines.items())):
         xs = [p[0] for p in pts]
@@ -400,7 +408,7 @@ def plot(rows: list[dict], aggs: list[dict], out: Path) -> list[Path]:
         ax.errorbar(xs, ys, yerr=err, marker="o", linestyle=style, capsize=3, label=label)
     colors = {"full": "black", "none": "gray"}
     for a in aggs:
-        if a["mode"] in ("full", "none"):
+        if a["mode"] in ("full", "none") and a.get("common_lr", True):
             name = "full fine-tuning" if a["mode"] == "full" else "frozen base (none)"
             ax.axhline(a["bleu_mean"], color=colors[a["mode"]], linestyle="-." if a["mode"] == "full" else ":",
                        label=f"{name}: {a['bleu_mean']:.1f} (n={a['n']})")
@@ -415,7 +423,7 @@ def plot(rows: list[dict], aggs: list[dict], out: Path) -> list[Path]:
     ax.set_ylabel("best validation BLEU")
     ax.set_title("BLEU vs rank (mean over seeds; bars: min–max)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     p = out / "bleu_vs_rank.png"
     fig.savefig(p, dpi=110)

@@ -60,7 +60,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping

@@ -169,7 +169,6 @@ def run_inference(spec):
     arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
     arrays.pop("labels")
     x = arrays
-    rng = np.random.default_rng(spec["seed"] + 1)
     variants = {}
     base = build_model(spec)
     compile_model(base, spec)

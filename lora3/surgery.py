@@ -64,9 +64,9 @@ def lora_layers(model) -> list[LoRALayer]:
     return sorted(found, key=lambda l: _natural_key(l.path))
 
 
-def find_targets(model, targets="qv", layers=None) -> dict:
+def find_targets(model, targets="qv", layers=None, _table=None) -> dict:
     """`{path: (layer, role)}` of the layers `targets` name, without changing the model."""
-    table = _parents_of(model)
+    table = _table if _table is not None else _parents_of(model)
     candidates = {}
     for layer, parents in table.values():
         if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
@@ -137,17 +137,17 @@ def plan(model, config: LoraConfig, layer_paths=None) -> dict:
             "this model already has LoRA layers (surgery applied twice); "
             "use lora3.merge_and_unload(model) first, or load_adapter to replace the weights"
         )
+    table = _parents_of(model)  # one walk of the model serves the search and the parent lookup
     if layer_paths is None:
-        chosen = find_targets(model, config.targets, config.layers)
+        chosen = find_targets(model, config.targets, config.layers, _table=table)
     else:
-        everything = find_targets(model, ".*")
+        everything = find_targets(model, ".*", _table=table)
         missing = [p for p in layer_paths if p not in everything]
         if missing:
             raise LoraConfigError(
                 f"layer path(s) {missing[:5]} do not exist in this model (or are not Dense/EinsumDense)"
             )
         chosen = {p: everything[p] for p in layer_paths}
-    table = _parents_of(model)
     result = {}
     for path, (layer, role) in chosen.items():
         parents = table[id(layer)][1]

@@ -323,17 +323,26 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
         extra_expected = {n: tuple(variables[n].shape) for n in extra_names}
         extra_path = _read_tensors(directory, meta, extra_expected, EXTRA_NAME, "extra_sha256")
 
-    # All checks passed: change the model.
-    if planned is not None:
-        apply_plan(model, config, planned)
-    wrappers = {w.path: w for w in lora_layers(model)}
+    # All checks passed: change the model, one layer's tensors in memory at a time.
     with safe_open(weights_path, framework="numpy") as f:
-        for p in paths:
-            w = wrappers[p]
-            w.lora_A.assign(f.get_tensor(f"{p}/lora_A").astype(np.float32, copy=False))  # one tensor at a time
-            w.lora_B.assign(f.get_tensor(f"{p}/lora_B").astype(np.float32, copy=False))
-            w.lora_A.trainable = trainable
-            w.lora_B.trainable = trainable
+
+        def read(p):
+            return (f.get_tensor(f"{p}/lora_A").astype(np.float32, copy=False),
+                    f.get_tensor(f"{p}/lora_B").astype(np.float32, copy=False))
+
+        if planned is not None:
+            # New LoRA layers are created from the file's values (no initial draw to overwrite).
+            apply_plan(model, config, planned, initial_weights=read)
+        else:
+            wrappers = {w.path: w for w in lora_layers(model)}
+            for p in paths:
+                a, b = read(p)
+                wrappers[p].lora_A.assign(a)
+                wrappers[p].lora_B.assign(b)
+                del a, b
+    for w in lora_layers(model):
+        w.lora_A.trainable = trainable
+        w.lora_B.trainable = trainable
     if extra_path is not None:
         variables = {v.path: v for v in model.weights}
         with safe_open(extra_path, framework="numpy") as f:

@@ -102,7 +102,7 @@ def _swap(parent, old, new):
     return replaced
 
 
-def _wrapper_for(layer, config: LoraConfig):
+def _wrapper_for(layer, config: LoraConfig, initial_weights=None):
     cls = LoRADense if isinstance(layer, keras.layers.Dense) else LoRAEinsumDense
     return cls(
         layer,
@@ -111,6 +111,7 @@ def _wrapper_for(layer, config: LoraConfig):
         dropout=config.dropout,
         rslora=config.rslora,
         init=config.init,
+        initial_weights=initial_weights,
     )
 
 
@@ -215,15 +216,21 @@ def apply_lora(model, config: LoraConfig | None = None, *, layer_paths=None, **o
     return apply_plan(model, config, plan(model, config, layer_paths))
 
 
-def apply_plan(model, config: LoraConfig, planned: dict) -> LoraReport:
-    """Carry out a surgery `plan()` has checked."""
+def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -> LoraReport:
+    """Carry out a surgery `plan()` has checked.
+
+    `initial_weights`, if given, is a callable `path -> (A, B)` whose arrays the new
+    LoRA weights are created from (adapter loading), one layer at a time.
+    """
 
     flags = {id(v): (v, v.trainable) for v in model.weights}
     wrapped_trainable = {}
     wrappers = []
     for path, (layer, role, parents, _) in planned.items():
         wrapped_trainable[path] = layer.trainable
-        wrapper = _wrapper_for(layer, config)
+        initial = initial_weights(path) if initial_weights is not None else None
+        wrapper = _wrapper_for(layer, config, initial)
+        del initial
         for parent in parents:
             if not _swap(parent, layer, wrapper):
                 raise RuntimeError(f"internal error: could not replace {path!r} in {parent.name!r}")

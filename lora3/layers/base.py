@@ -38,6 +38,7 @@ class LoRALayer(keras.layers.Layer):
         rslora=False,
         init="kaiming",
         merged=False,
+        initial_weights=None,
         **kwargs,
     ):
         if not isinstance(layer, self.wrapped_class):
@@ -74,6 +75,9 @@ class LoRALayer(keras.layers.Layer):
         self.init = init
         self.merged = bool(merged)
         self.lora_dropout = keras.layers.Dropout(dropout, name="lora_dropout") if dropout > 0 else None
+        # `(A, B)` arrays to build with instead of the initializers (adapter loading: the
+        # variables are created once, from the file, not drawn and then overwritten).
+        self._initial_weights = initial_weights
         # The wrapped layer is frozen: only A and B train.
         layer.trainable = False
         if layer.built:
@@ -151,11 +155,16 @@ class LoRALayer(keras.layers.Layer):
             a_init = keras.initializers.RandomUniform(-bound, bound)
         else:
             a_init = keras.initializers.RandomNormal(stddev=1.0 / self.rank)
+        b_init = "zeros"
+        if self._initial_weights is not None:
+            a_value, b_value = self._initial_weights
+            self._initial_weights = None  # do not keep the arrays alive
+            a_init, b_init = _constant(a_value), _constant(b_value)
         self.lora_A = self.add_weight(
             name="lora_A", shape=(self.in_features, self.rank), initializer=a_init, trainable=True
         )
         self.lora_B = self.add_weight(
-            name="lora_B", shape=(self.rank, self.out_features), initializer="zeros", trainable=True
+            name="lora_B", shape=(self.rank, self.out_features), initializer=b_init, trainable=True
         )
         if self.lora_dropout is not None and not self.lora_dropout.built:
             self.lora_dropout.build(None)
@@ -225,3 +234,14 @@ class LoRALayer(keras.layers.Layer):
         config = dict(config)
         config["layer"] = keras.layers.deserialize(config["layer"])
         return cls(**config)
+
+
+def _constant(value):
+    """An initializer that returns `value` (checked against the requested shape)."""
+
+    def initializer(shape, dtype=None):
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"initial LoRA weight has shape {tuple(value.shape)}, the layer needs {tuple(shape)}")
+        return ops.cast(value, dtype) if dtype is not None else value
+
+    return initializer

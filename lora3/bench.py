@@ -11,7 +11,9 @@ run. Setups (T5 architecture, random init, AdamW, sparse cross-entropy, batch of
     keras-all_linear  match nothing on T5), everything else frozen
     peft-qv           PyTorch + PEFT on HF's T5 of the same size (optional: needs torch,
     peft-all_linear   transformers and peft; skipped with a note when they are absent)
-    forward-only      nothing trains: the floor (forward pass, loss, no backward)
+    forward-only      nothing trains (forward pass and loss, no backward)
+    frozen-floor      only the first norm scale of each stack trains: forward plus the whole
+                      input-gradient backward, no real weight gradient: the floor of any LoRA step
 
 plus a rank sweep of lora3-all_linear (--ranks, on --rank-backends) and an inference process per
 --inference-backends: jitted forward latency of base / unmerged / merged adapters (round-robin
@@ -261,6 +263,9 @@ def aggregate(results, args):
             "median_step_s": med,
             "tokens_per_s": args.batch * (args.enc_len + args.dec_len) / med,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            # Training's own memory: peak RSS over the RSS after imports and model build.
+            "train_rss_mb": max(r["peak_rss_mb"] - r["rss_after_build_mb"] for r in runs)
+            if all("rss_after_build_mb" in r for r in runs) else None,
             "peak_device_mb": max((r.get("peak_device_mb") or 0.0 for r in runs), default=0.0) or None,
             "trainable_params": first["trainable_params"],
             "total_params": first["total_params"],
@@ -280,8 +285,10 @@ def aggregate(results, args):
         setup, backend, rank = key
         kind, targets = SETUPS[setup]
         same = lambda name: pooled.get((name, backend, args.rank))  # noqa: E731
-        full, fwd = same("full"), same("forward-only")
+        full, fwd, floor = same("full"), same("forward-only"), same("frozen-floor")
         rec["x_forward_only"] = _ratio(rec["median_step_s"], fwd and fwd["median_step_s"])
+        rec["x_floor"] = _ratio(rec["median_step_s"], floor and floor["median_step_s"])
+        rec["train_rss_ratio_to_full"] = _ratio(rec["train_rss_mb"], full and full["train_rss_mb"])
         rec["ratio_to_full"] = _ratio(rec["median_step_s"], full and full["median_step_s"])
         rec["flops_ratio_to_full"] = _ratio(rec["flops_per_step"], full and full["flops_per_step"])
         rec["rss_ratio_to_full"] = _ratio(rec["peak_rss_mb"], full and full["peak_rss_mb"])
@@ -306,7 +313,7 @@ def aggregate(results, args):
         rank_scaling.append({
             "backend": r["backend"], "rank": r["rank"], "median_step_s": r["median_step_s"],
             "ratio_to_r4": _ratio(r["median_step_s"], r4 and r4["median_step_s"]),
-            "x_forward_only": r["x_forward_only"], "ratio_to_full": r["ratio_to_full"],
+            "x_forward_only": r["x_forward_only"], "x_floor": r["x_floor"], "ratio_to_full": r["ratio_to_full"],
             "trainable_params": r["trainable_params"], "flops_per_step": r["flops_per_step"],
             "peak_rss_mb": r["peak_rss_mb"], "compile_s": r["compile_s"],
         })
@@ -380,19 +387,22 @@ def render(report):
     parts = []
     rows = [[r["name"], r["backend"], _f(r["median_step_s"]), _f(r["ratio_to_full"], "{:.2f}x"),
              _f(r.get("ratio_to_keras"), "{:.2f}x"), _f(r.get("ratio_to_peft"), "{:.2f}x"),
-             _f(r["x_forward_only"], "{:.2f}"), _f(r["flops_per_step"] and r["flops_per_step"] / 1e9, "{:.1f}"),
+             _f(r["x_forward_only"], "{:.2f}"), _f(r["x_floor"], "{:.2f}"),
+             _f(r["flops_per_step"] and r["flops_per_step"] / 1e9, "{:.1f}"),
              _f(r["achieved_gflop_per_s"], "{:.0f}"), _f(r["compile_s"], "{:.1f}"), _f(r["peak_rss_mb"], "{:.0f}"),
+             _f(r["train_rss_mb"], "{:.0f}"),
              f"{r['trainable_params']:,}", f"{r['optimizer_variables']}/{r['optimizer_bytes'] / 2**20:.1f}M"]
             for r in report["records"]]
     parts.append("training step (median s; ratios within this run)\n" + _table(
-        ["setup", "backend", "s/step", "/full", "/keras", "/peft", "x fwd", "GFLOP", "GFLOP/s",
-         "compile s", "RSS MB", "trainable", "opt vars/bytes"], rows))
+        ["setup", "backend", "s/step", "/full", "/keras", "/peft", "x fwd", "x floor", "GFLOP", "GFLOP/s",
+         "compile s", "RSS MB", "train RSS", "trainable", "opt vars/bytes"], rows))
     if report["rank_scaling"]:
         rows = [[r["backend"], r["rank"], _f(r["median_step_s"]), _f(r["ratio_to_r4"], "{:.2f}x"),
-                 _f(r["ratio_to_full"], "{:.2f}x"), _f(r["x_forward_only"], "{:.2f}"), f"{r['trainable_params']:,}"]
+                 _f(r["ratio_to_full"], "{:.2f}x"), _f(r["x_forward_only"], "{:.2f}"), _f(r["x_floor"], "{:.2f}"),
+                 f"{r['trainable_params']:,}"]
                 for r in report["rank_scaling"]]
         parts.append("rank scaling, lora3 all_linear\n" + _table(
-            ["backend", "rank", "s/step", "/r=4", "/full", "x fwd", "trainable"], rows))
+            ["backend", "rank", "s/step", "/r=4", "/full", "x fwd", "x floor", "trainable"], rows))
     if report["inference"]:
         rows = [[v["backend"], v["variant"], _f(v["median_forward_s"], "{:.4f}"),
                  _f(v["forward_ratio_to_base"], "{:.3f}x"), _f(v.get("generate_tokens_per_s"), "{:.1f}"),

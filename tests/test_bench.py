@@ -26,7 +26,7 @@ HAVE_PEFT = all(importlib.util.find_spec(m) is not None for m in ("torch", "tran
 RECORD_FIELDS = {
     "name", "backend", "median_step_s", "tokens_per_s", "peak_rss_mb", "trainable_params", "total_params",
     "ratio_to_full", "x_forward_only", "flops_per_step", "compile_s", "optimizer_variables", "optimizer_bytes",
-    "rss_ratio_to_full", "optimizer_bytes_ratio_to_full",
+    "rss_ratio_to_full", "optimizer_bytes_ratio_to_full", "x_floor", "train_rss_mb", "train_rss_ratio_to_full",
 }
 
 
@@ -66,6 +66,7 @@ def test_records_have_the_issue_fields(bench):
         assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
         assert r["median_step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
         assert r["optimizer_variables"] > 0 and r["optimizer_bytes"] > 0
+        assert 0 < r["train_rss_mb"] < r["peak_rss_mb"]
     recs = {(r["name"], r["backend"]): r for r in report["records"]}
     for backend in BACKENDS:
         full, lora = recs[("full", backend)], recs[("lora3-all_linear", backend)]
@@ -109,3 +110,18 @@ def test_rank_scaling_inference_targets_meta(bench):
     machine = report["meta"]["machine"]
     assert machine["nproc"] >= 1 and machine["versions"]["keras"]
     assert report["failures"] == [] and report["meta"]["wall_s"] > 0
+
+
+def test_frozen_floor_trains_one_norm_per_stack():
+    """The floor setup: every weight frozen but the first norm scale of the encoder and the decoder,
+    so its step runs the whole input-gradient backward and (almost) no weight gradient."""
+    os.environ.setdefault("KERAS_BACKEND", BACKEND)
+    from lora3.bench_setups import keras_worker
+
+    spec = {"model": "tiny", "seed": 0, "setup": "frozen-floor"}
+    model = keras_worker.build_model(spec)
+    assert keras_worker.prepare(spec, model) == 0
+    trainable = sorted(v.path for v in model.trainable_weights)
+    assert len(trainable) == 2, trainable
+    assert trainable[0].startswith("transformer_decoder_layer_0/") and "layer_norm" in trainable[0]
+    assert trainable[1].startswith("transformer_encoder_layer_0/") and "layer_norm" in trainable[1]

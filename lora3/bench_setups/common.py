@@ -33,12 +33,19 @@ SETUPS = {
     "peft-qv": ("peft", "qv"),
     "peft-all_linear": ("peft", "all_linear"),
     "forward-only": ("forward", None),
+    "frozen-floor": ("floor", None),
 }
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now (MiB)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024.0 for line in f if line.startswith("VmRSS:"))
 
 
 def peak_device_mb():

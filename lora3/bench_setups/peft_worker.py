@@ -14,7 +14,9 @@ import os
 
 os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX512")  # MKL runs at half speed here without it
 
-from lora3.bench_setups.common import MODELS, SETUPS, batch_arrays, main, summarize_steps, time_steps  # noqa: E402
+from lora3.bench_setups.common import (  # noqa: E402
+    MODELS, SETUPS, batch_arrays, current_rss_mb, main, summarize_steps, time_steps,
+)
 
 # HF T5 module names per lora3 target group (PEFT's "all-linear" would also leave lm_head out).
 PEFT_TARGETS = {"qv": ["q", "v"], "all_linear": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]}
@@ -83,8 +85,10 @@ def run(spec):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    rss_after_build = current_rss_mb()
     first, times = time_steps(step, spec["warmup"], spec["steps"])
     out = summarize_steps(spec, first, times)
+    out["rss_after_build_mb"] = rss_after_build
     state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     out.update(
         adapted_layers=sum(1 for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)),

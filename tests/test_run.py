@@ -103,6 +103,7 @@ def test_cli_run_prints_what_it_did(run_cli, tmp_path, backend_name, lora3_cache
 
 
 @pytest.mark.slow
+@pytest.mark.one_backend  # sweep bookkeeping; training on each backend is covered by the single-run tests
 def test_cli_multirun_2x2_each_job_its_dir_and_wandb_run(run_cli, tmp_path, backend_name, lora3_cache):
     from lora3 import tracking
 

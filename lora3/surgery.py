@@ -17,7 +17,6 @@ import keras
 from lora3.config import LoraConfig
 from lora3.errors import LoraConfigError
 from lora3.layers import LoRADense, LoRAEinsumDense, LoRALayer
-from lora3.layers.input_group import InputGroup
 from lora3.report import AdaptedLayer, LoraReport
 from lora3 import targets as targets_lib
 
@@ -226,7 +225,7 @@ def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -
 
     flags = {id(v): (v, v.trainable) for v in model.weights}
     wrapped_trainable = {}
-    wrappers, parents_of = [], {}
+    wrappers = []
     for path, (layer, role, parents, _) in planned.items():
         wrapped_trainable[path] = layer.trainable
         initial = initial_weights(path) if initial_weights is not None else None
@@ -236,9 +235,6 @@ def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -
             if not _swap(parent, layer, wrapper):
                 raise RuntimeError(f"internal error: could not replace {path!r} in {parent.name!r}")
         wrappers.append((wrapper, role))
-        parents_of[id(wrapper)] = parents
-
-    _form_input_groups([w for w, _ in wrappers], parents_of)
 
     if not model.trainable:
         model.trainable = True
@@ -263,26 +259,6 @@ def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -
     object.__setattr__(model, "get_config", get_config_with_lora)
     _reset_compiled_functions(model)
     return make_report(model)
-
-
-def _form_input_groups(wrappers, parents_of):
-    """Group the new wrappers that may read one input (same parent, same flat input width):
-    their `x @ A` products then run as one matmul (lora3/layers/input_group.py)."""
-    by_key = {}
-    for wrapper in wrappers:
-        parents = parents_of[id(wrapper)]
-        if len(parents) != 1 or not _flat_input(wrapper):
-            continue
-        by_key.setdefault((id(parents[0]), wrapper.in_features), []).append(wrapper)
-    for members in by_key.values():
-        if len(members) > 1:
-            group = InputGroup(members)
-            for m in members:
-                object.__setattr__(m, "_input_group", group)  # not a tracked sublayer
-
-
-def _flat_input(wrapper):
-    return isinstance(wrapper, LoRADense) or wrapper._einsum["flat"]
 
 
 def lora_record(model) -> dict:

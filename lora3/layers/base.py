@@ -28,7 +28,6 @@ class LoRALayer(keras.layers.Layer):
     """Base class of `LoRADense` and `LoRAEinsumDense`; not used directly."""
 
     wrapped_class = None  # the keras layer class a subclass wraps
-    _input_group = None  # an `InputGroup` set by surgery: layers that share this one's input
 
     def __init__(
         self,
@@ -128,11 +127,7 @@ class LoRALayer(keras.layers.Layer):
         (flattened in A's row order) and whose output is `x.shape[:-n_contracted] + out_shape_tail`."""
         lead = ops.shape(x)[: len(x.shape) - n_contracted]
         x2 = ops.reshape(x, (-1, self.in_features))
-        hidden = None
-        if self._input_group is not None:  # x @ A as one product with its siblings' A (see input_group.py)
-            hidden = self._input_group.hidden(self, x, x2)
-        if hidden is None:
-            hidden = ops.multiply(ops.matmul(x2, self.lora_A), ops.cast(self.scaling, x.dtype))
+        hidden = ops.multiply(ops.matmul(x2, self.lora_A), ops.cast(self.scaling, x.dtype))
         delta = ops.matmul(hidden, self.lora_B)
         return ops.reshape(delta, tuple(lead) + tuple(out_shape_tail))
 

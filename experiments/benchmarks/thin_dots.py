@@ -14,6 +14,15 @@ x=jnp.asarray(rng.normal(size=(N,D)),jnp.float32); g=jnp.asarray(rng.normal(size
 dy=jnp.asarray(rng.normal(size=(N,O)),jnp.float32); h=g
 A=jnp.asarray(rng.normal(size=(D,R)),jnp.float32); B=jnp.asarray(rng.normal(size=(R,O)),jnp.float32)
 W=jnp.asarray(rng.normal(size=(D,O)),jnp.float32)
+def time_all(fns):
+    """Median of 300 calls per function, after one compiling call."""
+    for f, a in fns.values():
+        jax.block_until_ready(f(*a))
+    for n, (f, a) in fns.items():
+        t = []
+        for _ in range(300):
+            t0 = time.perf_counter(); jax.block_until_ready(f(*a)); t.append(time.perf_counter() - t0)
+        print(f"{n:20s} {statistics.median(t)*1e6:8.1f} us")
 fs={
  "xA (N,D)@(D,R)": (jax.jit(lambda x,A: x@A),(x,A)),
  "dA x^T g": (jax.jit(lambda x,g: jnp.einsum('nd,nr->dr',x,g)),(x,g)),
@@ -24,19 +33,11 @@ fs={
  "big x@W": (jax.jit(lambda x,W: x@W),(x,W)),
  "add NxO": (jax.jit(lambda a,b: a+b),(dy,dy)),
 }
-for n,(f,a) in fs.items(): jax.block_until_ready(f(*a))
-for n,(f,a) in fs.items():
-    t=[]
-    for _ in range(300):
-        t0=time.perf_counter(); jax.block_until_ready(f(*a)); t.append(time.perf_counter()-t0)
-    print(f"{n:20s} {statistics.median(t)*1e6:8.1f} us")
+time_all(fs)
 print("---")
 def tb(x,g):
     xt=jax.lax.optimization_barrier(x.T)
     return xt@g
-def tb2(x,g):
-    xt=jax.lax.optimization_barrier(jnp.transpose(x))
-    return jax.lax.dot_general(xt,g,(((1,),(0,)),((),())))
 fs2={"dA x^T g":(jax.jit(lambda x,g: jnp.einsum('nd,nr->dr',x,g)),(x,g)),
      "dA barrier T":(jax.jit(tb),(x,g)),
      "transpose only":(jax.jit(lambda x: jax.lax.optimization_barrier(x.T)),(x,)),
@@ -44,9 +45,4 @@ fs2={"dA x^T g":(jax.jit(lambda x,g: jnp.einsum('nd,nr->dr',x,g)),(x,g)),
      "dB h^T dy":(jax.jit(lambda h,dy: jnp.einsum('nr,no->ro',h,dy)),(h,dy)),
      "dB barrier":(jax.jit(lambda h,dy: jax.lax.optimization_barrier(h.T)@dy),(h,dy)),
 }
-for n,(f,a) in fs2.items(): jax.block_until_ready(f(*a))
-for n,(f,a) in fs2.items():
-    t=[]
-    for _ in range(300):
-        t0=time.perf_counter(); jax.block_until_ready(f(*a)); t.append(time.perf_counter()-t0)
-    print(f"{n:20s} {statistics.median(t)*1e6:8.1f} us")
+time_all(fs2)

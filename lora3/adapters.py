@@ -8,7 +8,10 @@ An adapter directory holds two files, both plain data:
   tensor file (so an altered file is refused, not silently loaded).
 - `adapter.safetensors`: only LoRA tensors, float32, keyed
   `<layer.path>/lora_A` `(in_features, rank)` and `<layer.path>/lora_B`
-  `(rank, out_features)`. Weights named in `train_also` (if any) go to
+  `(rank, out_features)`: the matrix view, `delta W = s * A @ B` with W as
+  `(in_features, out_features)`. (The `lora_A` variable itself is stored
+  `(rank, in_features)` for speed, see `lora3.layers.base`; it is transposed
+  on the way in and out, so the file format is unchanged.) Weights named in `train_also` (if any) go to
   `extra_weights.safetensors`, keyed by variable path.
 
 Nothing backend-specific is written, so an adapter saved under JAX loads under
@@ -115,7 +118,7 @@ def save_adapter(model, directory, overwrite=True) -> str:
     config = state["config"] if state else LoraConfig(rank=wrappers[0].rank, alpha=wrappers[0].alpha)
     tensors = {}
     for w in wrappers:
-        tensors[f"{w.path}/lora_A"] = np.ascontiguousarray(ops.convert_to_numpy(w.lora_A), dtype=np.float32)
+        tensors[f"{w.path}/lora_A"] = np.ascontiguousarray(ops.convert_to_numpy(w.lora_A).T, dtype=np.float32)
         tensors[f"{w.path}/lora_B"] = np.ascontiguousarray(ops.convert_to_numpy(w.lora_B), dtype=np.float32)
     lora_ids = {id(w.lora_A) for w in wrappers} | {id(w.lora_B) for w in wrappers}
     extra = {
@@ -327,7 +330,8 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
     with safe_open(weights_path, framework="numpy") as f:
 
         def read(p):
-            return (f.get_tensor(f"{p}/lora_A").astype(np.float32, copy=False),
+            # A in the variable's (rank, in_features) layout: a view, copied once by the backend.
+            return (f.get_tensor(f"{p}/lora_A").astype(np.float32, copy=False).T,
                     f.get_tensor(f"{p}/lora_B").astype(np.float32, copy=False))
 
         if planned is not None:

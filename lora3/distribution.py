@@ -13,13 +13,13 @@ call `keras.distribution.initialize`. What lora3 adds is the part keras-hub does
   - *column-parallel* projections (T5 `query/key/value_projector`, `input_projector`,
     `gate_projector`; Gemma `query`, `key`, `value`, `ffw_gating`, `ffw_gating_2`) split the
     kernel's **output** side (Gemma's attention kernels on the heads axis). Their adapter's
-    `lora_B (rank, out)` is split the same way on `out`, and `lora_A (in, rank)` is
-    **replicated**: the input `x` is replicated over the model axis, so `x @ A` needs no
-    communication and `(x @ A) @ B` comes out split exactly like the frozen layer's output.
+    `lora_B (rank, out)` is split the same way on `out`, and `lora_A (rank, in)` is
+    **replicated**: the input `x` is replicated over the model axis, so `x @ A.T` needs no
+    communication and `(x @ A.T) @ B` comes out split exactly like the frozen layer's output.
   - *row-parallel* projections (T5 attention and FFN `output_projector`; Gemma
-    `attention_output`, `ffw_linear`) split the kernel's **input** side. Their `lora_A (in, rank)`
+    `attention_output`, `ffw_linear`) split the kernel's **input** side. Their `lora_A (rank, in)`
     is split the same way on `in`, and `lora_B (rank, out)` is **replicated**: `x` arrives split
-    on its features, so `x @ A` is a partial sum of shape `(tokens, rank)` and the only extra
+    on its features, so `x @ A.T` is a partial sum of shape `(tokens, rank)` and the only extra
     communication is an all-reduce of that thin tensor (the frozen path all-reduces
     `(tokens, out)` anyway). Replicating A instead would all-gather `x`, `(tokens, in)`: far more.
   - The replicated half of each adapter costs `rank * (in or out)` floats per device (plus its
@@ -151,7 +151,7 @@ def layout_map(family: str, device_mesh, kernel_ndim: int | None = None):
             lm[rule.pattern + "/lora_A"] = (None, None)
             lm[rule.pattern + "/lora_B"] = (None, MODEL_AXIS)
         else:
-            lm[rule.pattern + "/lora_A"] = (MODEL_AXIS, None)
+            lm[rule.pattern + "/lora_A"] = (None, MODEL_AXIS)
             lm[rule.pattern + "/lora_B"] = (None, None)
     lm["token_embedding/embeddings"] = (MODEL_AXIS, None)
     lm["token_embedding/reverse_embeddings"] = (None, MODEL_AXIS)
@@ -233,7 +233,7 @@ def _make_model_parallel_class():
                 if rule.kind == "column":
                     spec = (None, MODEL_AXIS) if leaf == "lora_B" and split and shape[1] % m == 0 else (None, None)
                 else:
-                    spec = (MODEL_AXIS, None) if leaf == "lora_A" and split and shape[0] % m == 0 else (None, None)
+                    spec = (None, MODEL_AXIS) if leaf == "lora_A" and split and shape[1] % m == 0 else (None, None)
                 return self._record(path, spec)
             return self._layout((None,) * len(shape))
 

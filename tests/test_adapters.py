@@ -59,7 +59,7 @@ def test_file_format(adapted):
         a, b = tensors[f"{path}/lora_A"], tensors[f"{path}/lora_B"]
         assert a.dtype == np.float32 and a.shape == (wrappers[path].in_features, 2)
         assert b.shape == (2, wrappers[path].out_features)
-        np.testing.assert_array_equal(a, _np(wrappers[path].lora_A))
+        np.testing.assert_array_equal(a, _np(wrappers[path].lora_A).T)  # file: (in, rank); variable: (rank, in)
     key = "transformer_encoder_layer_0/self_attention/query_projector/lora_A"
     assert key in tensors
     assert not [p for p in os.listdir(tmp) if p.startswith(".adapter")]  # no temp dirs left

@@ -195,7 +195,7 @@ def test_model_parallel_layouts_cover_lora(child_report):
     assert t5[q + "/kernel"][0] == [None, "model"]
     assert t5[q + "/lora_A"][0] == [None, None] and t5[q + "/lora_B"][0] == [None, "model"]
     assert t5[o + "/kernel"][0] == ["model", None]
-    assert t5[o + "/lora_A"][0] == ["model", None] and t5[o + "/lora_B"][0] == [None, None]
+    assert t5[o + "/lora_A"][0] == [None, "model"] and t5[o + "/lora_B"][0] == [None, None]  # A is (rank, in)
     gemma = child_report["layouts"]["gemma"]
     k = "decoder_block_0/attention/key"
     assert gemma[k + "/kernel"][0] == [None, None, None]

@@ -36,7 +36,7 @@ def test_dense_forward_matches_numpy(rslora):
     base = dense(activation="tanh")
     W, b = _np(base.kernel), _np(base.bias)
     lora = LoRADense(base, rank=3, alpha=6, rslora=rslora)
-    A, B = _set(lora.lora_A, rng), _set(lora.lora_B, rng)
+    A, B = _set(lora.lora_A, rng).T, _set(lora.lora_B, rng)  # A in the (in, rank) matrix view
     x = rng.normal(size=(4, 7, 5)).astype("float32")
     s = 6 / math.sqrt(3) if rslora else 6 / 3
     assert lora.scaling == pytest.approx(s)
@@ -50,7 +50,7 @@ def test_fresh_adapter_changes_nothing_and_init():
     lora = LoRADense(base, rank=4, alpha=8)
     np.testing.assert_array_equal(_np(lora(x)), _np(base(x)))
     A = _np(lora.lora_A)
-    assert A.shape == (32, 4) and _np(lora.lora_B).shape == (4, 64)
+    assert A.shape == (4, 32) and _np(lora.lora_B).shape == (4, 64)  # A is (rank, in), as in PEFT
     assert np.all(np.abs(A) <= 1 / math.sqrt(32)) and A.std() > 0.5 / math.sqrt(32) / math.sqrt(3)
     assert not np.any(_np(lora.lora_B))
     gauss = LoRADense(dense(units=64, in_dim=256), rank=4, alpha=8, init="gaussian")
@@ -87,8 +87,8 @@ def test_einsum_forward_merge_matches_matrix_view(case):
     kernel = _np(base.kernel)
     lora = LoRAEinsumDense(base, rank=2, alpha=4)
     W = to_matrix(kernel)
-    assert lora.lora_A.shape == (W.shape[0], 2) and lora.lora_B.shape == (2, W.shape[1])
-    A, B = _set(lora.lora_A, rng), _set(lora.lora_B, rng)
+    assert lora.lora_A.shape == (2, W.shape[0]) and lora.lora_B.shape == (2, W.shape[1])
+    A, B = _set(lora.lora_A, rng).T, _set(lora.lora_B, rng)  # A in the (in, rank) matrix view
     x = rng.normal(size=xshape).astype("float32")
     expected = out_view(in_view(x) @ (W + 2.0 * A @ B))
     np.testing.assert_allclose(_np(lora(x)), expected, rtol=1e-5, atol=1e-5)
@@ -125,7 +125,7 @@ def test_gradients_flow_only_into_a_and_b():
     base.build((None, 5))
     W, b = _np(base.kernel).copy(), _np(base.bias).copy()
     lora = LoRADense(base, rank=2, alpha=2)
-    A, B = _set(lora.lora_A, rng), _set(lora.lora_B, rng)
+    A, B = _set(lora.lora_A, rng).T, _set(lora.lora_B, rng)  # A in the (in, rank) matrix view
     model = keras.Model(inputs, lora(inputs))
     x = rng.normal(size=(4, 5)).astype("float32")
     t = rng.normal(size=(4, 3)).astype("float32")
@@ -137,7 +137,7 @@ def test_gradients_flow_only_into_a_and_b():
     dy = 2 * (y - t) / y.size
     dB = s * (x @ A).T @ dy
     dA = s * x.T @ (dy @ B.T)
-    np.testing.assert_allclose(_np(lora.lora_A), A - lr * dA, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(lora.lora_A).T, A - lr * dA, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_np(lora.lora_B), B - lr * dB, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(_np(base.kernel), W)
     np.testing.assert_array_equal(_np(base.bias), b)
@@ -156,7 +156,7 @@ def test_layer_config_round_trip():
     x = rng.normal(size=(2, 5)).astype("float32")
     np.testing.assert_allclose(_np(clone(x)), _np(lora(x)), rtol=1e-6)
     model = keras.Sequential([keras.Input((5,)), LoRADense.from_config(config)])
-    assert model.layers[0].lora_A.shape == (5, 2)
+    assert model.layers[0].lora_A.shape == (2, 5)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +195,7 @@ def test_dropout_only_in_training_and_only_on_lora_path():
     base = dense(units=16, in_dim=32)
     W, b = _np(base.kernel), _np(base.bias)
     lora = LoRADense(base, rank=4, alpha=4, dropout=0.5)
-    A, B = _set(lora.lora_A, rng), _set(lora.lora_B, rng)
+    A, B = _set(lora.lora_A, rng).T, _set(lora.lora_B, rng)  # A in the (in, rank) matrix view
     x = rng.normal(size=(64, 32)).astype("float32")
     np.testing.assert_allclose(_np(lora(x, training=False)), x @ W + b + (x @ A) @ B, rtol=1e-5, atol=1e-5)
     trained = _np(lora(x, training=True))
@@ -214,7 +214,7 @@ def test_mixed_precision_keeps_float32_variables():
     layer.build((None, 32))
     lora = LoRADense(layer, rank=4, alpha=8)
     assert lora.lora_A.dtype == "float32" and lora.compute_dtype == "bfloat16"
-    A, B = _set(lora.lora_A, rng), _set(lora.lora_B, rng)
+    A, B = _set(lora.lora_A, rng).T, _set(lora.lora_B, rng)  # A in the (in, rank) matrix view
     x = rng.normal(size=(8, 32)).astype("float32")
     y = lora(x)
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"

@@ -65,7 +65,7 @@ def test_logits_and_counts_match_peft(hf_dir, targets, rank, rslora):
         block = int(name.split(".layers.")[1].split(".")[0])
         leaf = ".".join(name.split(".")[-2:])
         w = wrappers[f"decoder_block_{block}/{HF_TO_KERAS[leaf]}"]
-        w.lora_A.assign(module.lora_A["default"].weight.detach().numpy().T)  # (r, in) -> (in, r)
+        w.lora_A.assign(module.lora_A["default"].weight.detach().numpy())  # (r, in): the same layout
         w.lora_B.assign(module.lora_B["default"].weight.detach().numpy().T)  # (out, r) -> (r, out)
         copied += 1
     assert copied == len(wrappers)

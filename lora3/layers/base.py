@@ -1,13 +1,20 @@
 """The part of a LoRA wrapper that does not depend on the wrapped layer's type.
 
 A wrapper holds a *built* `Dense`/`EinsumDense` (frozen) and two trainable
-matrices, `lora_A: (in_features, rank)` and `lora_B: (rank, out_features)`:
+matrices, `lora_A: (rank, in_features)` and `lora_B: (rank, out_features)`:
 
-    y = activation(base_linear(x) + s * (dropout(x) @ A) @ B),   s = alpha / rank
-                                                                (alpha / sqrt(rank) with rslora)
+    y = activation(base_linear(x) + s * (dropout(x) @ A.T) @ B),   s = alpha / rank
+                                                                  (alpha / sqrt(rank) with rslora)
+
+so the weight update is `s * A.T @ B` in the `(in_features, out_features)` view.
+`A` is stored `(rank, in_features)`, as PEFT stores `lora_A.weight`, because its
+gradient `dh.T @ x` (a contraction over tokens) then comes out rank-major: XLA's
+CPU backend computes a `(rank, in)` result about 2.5x faster than the same
+product laid out `(in, rank)` (experiments/benchmarks/thin_dots.py). Adapter
+files keep the matrix view `(in_features, rank)` (see `lora3.adapters`).
 
 The low-rank path is two thin products, so training never materialises the
-full-size `A @ B` and never computes a gradient for the frozen kernel.
+full-size `A.T @ B` and never computes a gradient for the frozen kernel.
 Subclasses say how to run the wrapped layer without its activation
 (`_base_linear`), how to apply A and B to an input (`_apply_a`, `_apply_b`),
 and how the `(in_features, out_features)` matrix maps to the kernel's layout
@@ -75,8 +82,9 @@ class LoRALayer(keras.layers.Layer):
         self.init = init
         self.merged = bool(merged)
         self.lora_dropout = keras.layers.Dropout(dropout, name="lora_dropout") if dropout > 0 else None
-        # `(A, B)` arrays to build with instead of the initializers (adapter loading: the
-        # variables are created once, from the file, not drawn and then overwritten).
+        # `(A, B)` arrays, shaped like the variables (`(rank, in)`, `(rank, out)`), to build
+        # with instead of the initializers (adapter loading: the variables are created once,
+        # from the file, not drawn and then overwritten).
         self._initial_weights = initial_weights
         # The wrapped layer is frozen: only A and B train.
         layer.trainable = False
@@ -101,6 +109,7 @@ class LoRALayer(keras.layers.Layer):
         raise NotImplementedError
 
     def _apply_a(self, inputs, a):
+        """`inputs` times `a`, an `(in_features, rank)` matrix (the transpose of `lora_A`)."""
         raise NotImplementedError
 
     def _apply_b(self, hidden, b):
@@ -119,7 +128,7 @@ class LoRALayer(keras.layers.Layer):
         batch and time) several times slower than the 2-D ones.
         """
         # Scale the thin (..., rank) intermediate, not the wide output.
-        hidden = ops.multiply(self._apply_a(x, self.lora_A), ops.cast(self.scaling, x.dtype))
+        hidden = ops.multiply(self._apply_a(x, ops.transpose(self.lora_A)), ops.cast(self.scaling, x.dtype))
         return self._apply_b(hidden, self.lora_B)
 
     def _flat_lora_delta(self, x, n_contracted, out_shape_tail):
@@ -127,7 +136,7 @@ class LoRALayer(keras.layers.Layer):
         (flattened in A's row order) and whose output is `x.shape[:-n_contracted] + out_shape_tail`."""
         lead = ops.shape(x)[: len(x.shape) - n_contracted]
         x2 = ops.reshape(x, (-1, self.in_features))
-        hidden = ops.multiply(ops.matmul(x2, self.lora_A), ops.cast(self.scaling, x.dtype))
+        hidden = ops.multiply(ops.matmul(x2, ops.transpose(self.lora_A)), ops.cast(self.scaling, x.dtype))
         delta = ops.matmul(hidden, self.lora_B)
         return ops.reshape(delta, tuple(lead) + tuple(out_shape_tail))
 
@@ -149,7 +158,7 @@ class LoRALayer(keras.layers.Layer):
                 f"rank must be <= {max_rank})"
             )
         if self.init == "kaiming":
-            # PEFT's default: kaiming_uniform(a=sqrt(5)) on a (rank, in) weight,
+            # PEFT's default: kaiming_uniform(a=sqrt(5)) on its (rank, in) weight,
             # i.e. U(-1/sqrt(in), 1/sqrt(in)).
             bound = 1.0 / math.sqrt(self.in_features)
             a_init = keras.initializers.RandomUniform(-bound, bound)
@@ -161,7 +170,7 @@ class LoRALayer(keras.layers.Layer):
             self._initial_weights = None  # do not keep the arrays alive
             a_init, b_init = _constant(a_value), _constant(b_value)
         self.lora_A = self.add_weight(
-            name="lora_A", shape=(self.in_features, self.rank), initializer=a_init, trainable=True
+            name="lora_A", shape=(self.rank, self.in_features), initializer=a_init, trainable=True
         )
         self.lora_B = self.add_weight(
             name="lora_B", shape=(self.rank, self.out_features), initializer=b_init, trainable=True
@@ -186,15 +195,15 @@ class LoRALayer(keras.layers.Layer):
 
     # -- merging ------------------------------------------------------------
     def delta_weight(self):
-        """`s * A @ B` in the kernel's layout (materialised: for merging only)."""
-        delta = ops.multiply(ops.matmul(self.lora_A, self.lora_B), self.scaling)
+        """`s * A.T @ B` in the kernel's layout (materialised: for merging only)."""
+        delta = ops.multiply(ops.matmul(ops.transpose(self.lora_A), self.lora_B), self.scaling)
         return self._delta_to_kernel_layout(delta)
 
     def _kernel_variable(self):
         return self.wrapped._kernel
 
     def merge(self):
-        """Add `s * A @ B` into the wrapped kernel; the LoRA path is then skipped."""
+        """Add `s * A.T @ B` into the wrapped kernel; the LoRA path is then skipped."""
         if self.merged:
             return
         kernel = self._kernel_variable()
@@ -202,7 +211,7 @@ class LoRALayer(keras.layers.Layer):
         self.merged = True
 
     def unmerge(self):
-        """Subtract `s * A @ B` from the wrapped kernel again."""
+        """Subtract `s * A.T @ B` from the wrapped kernel again."""
         if not self.merged:
             return
         kernel = self._kernel_variable()

@@ -8,9 +8,9 @@ from lora3.layers.base import LoRALayer
 
 @keras.saving.register_keras_serializable(package="lora3")
 class LoRADense(LoRALayer):
-    """LoRA on a `Dense`: `y = act(x @ W + b + s * (dropout(x) @ A) @ B)`.
+    """LoRA on a `Dense`: `y = act(x @ W + b + s * (dropout(x) @ A.T) @ B)`.
 
-    `A` is `(in_features, rank)`, `B` is `(rank, out_features)`; `B` starts at
+    `A` is `(rank, in_features)` (PEFT's layout), `B` is `(rank, out_features)`; `B` starts at
     zero, so a fresh wrapper leaves the layer's output unchanged. The LoRA term
     is added before the wrapped layer's activation (T5's FFN `input_projector`
     carries a GELU inside its Dense).

@@ -85,7 +85,7 @@ class LoRAEinsumDense(LoRALayer):
     `in_features` is the product of the dims contracted with the input (in
     kernel order) and `out_features` the product of the dims it produces (in
     output-subscript order, so head-major like HF's `q_proj`). `A` is
-    `(in_features, rank)` and `B` is `(rank, out_features)`: the update has rank
+    `(rank, in_features)` and `B` is `(rank, out_features)`: the update `A.T @ B` has rank
     at most `rank` (Keras' own EinsumDense LoRA gives Gemma's query an A of
     shape `(heads, d, rank)`, an update of rank `heads * rank`).
 
@@ -95,7 +95,7 @@ class LoRAEinsumDense(LoRALayer):
     >>> q.build((None, None, 16))
     >>> lora = LoRAEinsumDense(q, rank=2, alpha=4)
     >>> lora.lora_A.shape, lora.lora_B.shape
-    ((16, 2), (2, 32))
+    ((2, 16), (2, 32))
     >>> x = np.ones((1, 3, 16), "float32")
     >>> bool(np.allclose(lora(x), q(x)))
     True

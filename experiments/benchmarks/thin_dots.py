@@ -3,9 +3,10 @@
     python experiments/benchmarks/thin_dots.py
 
 Shows that the gradient of A (`x^T @ g`, contracting the token dimension) runs several times slower
-than the forward product `x @ A` of the same FLOPs, and how much of that an explicit transpose behind
-an optimisation barrier recovers (JAX-only: keras.ops has no barrier). Medians of 300 calls, each
-including jit dispatch (~20-30 us).
+than the forward product `x @ A` of the same FLOPs when it is laid out `(in, rank)`, and not when it
+is laid out `(rank, in)` (`g^T @ x`: why lora3 stores `lora_A` as `(rank, in)`, as PEFT does); and how
+much of the slow layout an explicit transpose behind an optimisation barrier recovers (JAX-only:
+keras.ops has no barrier). Medians of 300 calls, each including jit dispatch (~20-30 us).
 """
 import jax, jax.numpy as jnp, numpy as np, time, statistics
 N,D,R,O=512,512,8,1024
@@ -27,6 +28,8 @@ fs={
  "xA (N,D)@(D,R)": (jax.jit(lambda x,A: x@A),(x,A)),
  "dA x^T g": (jax.jit(lambda x,g: jnp.einsum('nd,nr->dr',x,g)),(x,g)),
  "dA via (g^T x)^T": (jax.jit(lambda x,g: (g.T@x).T),(x,g)),
+ "dA^T g^T x (rank, in)": (jax.jit(lambda x,g: g.T@x),(x,g)),
+ "x @ A^T, A (rank, in)": (jax.jit(lambda x,At: x@At.T),(x,A.T.copy())),
  "hB (N,R)@(R,O)": (jax.jit(lambda h,B: h@B),(h,B)),
  "dyB^T": (jax.jit(lambda dy,B: dy@B.T),(dy,B)),
  "dB h^T dy": (jax.jit(lambda h,dy: jnp.einsum('nr,no->ro',h,dy)),(h,dy)),

@@ -94,7 +94,7 @@ class LoRAEinsumDense(LoRALayer):
     >>> q = keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(None, 4, 8))
     >>> q.build((None, None, 16))
     >>> lora = LoRAEinsumDense(q, rank=2, alpha=4)
-    >>> lora.lora_A.shape, lora.lora_B.shape
+    >>> tuple(lora.lora_A.shape), tuple(lora.lora_B.shape)
     ((2, 16), (2, 32))
     >>> x = np.ones((1, 3, 16), "float32")
     >>> bool(np.allclose(lora(x), q(x)))

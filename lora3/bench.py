@@ -3,7 +3,10 @@
 Every setup runs in its own fresh process (`lora3.bench_setups.*_worker`), and the list of
 processes is alternated across repeats (odd repeats run it backwards), so machine drift and
 position effects hit all setups alike. Ratios are only ever taken between setups of the same
-run. Setups (T5 architecture, random init, AdamW, sparse cross-entropy, batch of random ids):
+run. The untimed part of a process (imports, model build, compilation, warm-up, FLOP count) may
+overlap with the next one's (`--prepare 2`, the default on 2+ cores: it roughly halves the wall
+time), but timed steps never overlap anything: each process waits at a gate
+(`bench_setups.common.wait_for_turn`) until every other live process waits too. Setups (T5 architecture, random init, AdamW, sparse cross-entropy, batch of random ids):
 
     full              every weight trains
     lora3-qv          lora3 r=--rank on q and v            lora3-all_linear   ... on every Dense of the blocks
@@ -41,7 +44,7 @@ import tempfile
 import time
 from importlib import metadata
 
-from lora3.bench_setups.common import MODELS, SETUPS
+from lora3.bench_setups.common import GATE_ENV, MODELS, SETUPS
 
 KERAS_BACKENDS = ("jax", "tensorflow")
 DEFAULT_SETUPS = tuple(SETUPS)
@@ -101,6 +104,11 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the chip's peak dense TFLOP/s in the run's dtype, for MFU (H100/H200 bf16: 989)")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--prepare", type=int, default=None,
+                   help="setups that import, build, compile and warm up at the same time (their timed "
+                        "steps always run one at a time, alone; compile times are then measured under "
+                        "contention). Default: 2 on machines with 2+ cores, except --model base (memory); "
+                        "1 otherwise")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
     p.add_argument("--keep-logs", default=None, help="folder for the workers' logs")
     args = p.parse_args(argv)
@@ -112,6 +120,10 @@ def parse_args(argv=None):
             p.error(f"setup {s!r} is not valid; valid: {', '.join(SETUPS)}")
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1:
         p.error("--steps, --repeats and --warmup must be >= 1")
+    if args.prepare is None:
+        args.prepare = 2 if (os.cpu_count() or 1) >= 2 and args.model != "base" else 1
+    if args.prepare < 1:
+        p.error(f"--prepare must be >= 1, got {args.prepare}")
     return args
 
 
@@ -188,10 +200,9 @@ def plan_jobs(args):
     return jobs, skipped
 
 
-def run_worker(job, args, tmp, log_dir):
+def _spec(job, args, tmp):
     rep, backend, setup, rank = job
-    out = os.path.join(tmp, f"{setup}-{backend}-r{rank}-{rep}.json")
-    spec = {
+    return {
         "setup": setup, "backend": backend, "model": args.model, "batch": args.batch,
         "enc_len": args.enc_len, "dec_len": args.dec_len, "rank": rank, "alpha": args.alpha,
         "warmup": args.warmup, "dropout": args.dropout, "dtype": args.dtype, "seed": args.seed,
@@ -203,33 +214,110 @@ def run_worker(job, args, tmp, log_dir):
         "generate_variants": args.generate_variants if args.generate_variants is not None else
         (["base", f"{args.inference_targets[-1]}-unmerged", f"{args.inference_targets[-1]}-merged"]
          if args.inference_targets else ["base"]),
-        "out": out,
+        "out": os.path.join(tmp, f"{setup}-{backend}-r{rank}-{rep}.json"),
     }
-    module = "lora3.bench_setups.peft_worker" if backend == "torch" else "lora3.bench_setups.keras_worker"
-    env = dict(os.environ)
-    if backend != "torch":
-        env["KERAS_BACKEND"] = backend
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    log = os.path.join(log_dir, f"{setup}-{backend}-r{rank}-{rep}.log")
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        try:
-            proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], env=env, stdout=f,
-                                  stderr=subprocess.STDOUT, timeout=args.timeout)
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
-    wall = time.perf_counter() - t0
-    if rc == 0 and os.path.exists(out):
-        with open(out) as f:
-            result = json.load(f)
-        result.update(repeat=rep, process_wall_s=wall)
-        return result, None
-    with open(log) as f:
-        tail = f.read()[-2000:]
-    return None, {"name": setup, "backend": backend, "rank": rank, "repeat": rep,
-                  "reason": f"worker exit {rc}", "log": log, "log_tail": tail}
+
+
+class Worker:
+    """One setup's process. With a gate (`gated=True`) it stops before its timed steps and
+    waits for `go()` (see `lora3.bench_setups.common.wait_for_turn`)."""
+
+    def __init__(self, job, args, tmp, log_dir, gated):
+        rep, backend, setup, rank = job
+        self.job, self.args = job, args
+        self.spec = _spec(job, args, tmp)
+        self.log = os.path.join(log_dir, f"{setup}-{backend}-r{rank}-{rep}.log")
+        self.gate = os.path.join(tmp, f"{setup}-{backend}-r{rank}-{rep}.gate") if gated else None
+        module = "lora3.bench_setups.peft_worker" if backend == "torch" else "lora3.bench_setups.keras_worker"
+        env = dict(os.environ)
+        env.pop(GATE_ENV, None)
+        if self.gate:
+            env[GATE_ENV] = self.gate
+        if backend != "torch":
+            env["KERAS_BACKEND"] = backend
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        env.setdefault("PYTHONWARNINGS", "ignore")
+        self.t0 = time.perf_counter()
+        self._logf = open(self.log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(self.spec)], env=env,
+                                     stdout=self._logf, stderr=subprocess.STDOUT)
+        self.rc = None
+
+    def _deadline_left(self):
+        return self.args.timeout - (time.perf_counter() - self.t0)
+
+    def wait_ready(self):
+        """Until the worker waits at its gate, has exited, or has run out of time."""
+        while self.gate and not os.path.exists(self.gate + ".ready"):
+            if self.proc.poll() is not None:
+                return
+            if self._deadline_left() <= 0:
+                self.proc.kill()
+                self.proc.wait()
+                self.rc = "timeout"
+                return
+            time.sleep(0.05)
+
+    def go_and_finish(self):
+        """Lets the worker time its steps (alone) and waits for it to exit: (result, failure)."""
+        if self.gate and self.rc is None:
+            with open(self.gate + ".go", "w"):
+                pass
+        if self.rc is None:
+            try:
+                self.rc = self.proc.wait(timeout=max(self._deadline_left(), 1.0))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self.rc = "timeout"
+        self._logf.close()
+        wall = time.perf_counter() - self.t0
+        rep, backend, setup, rank = self.job
+        out = self.spec["out"]
+        if self.rc == 0 and os.path.exists(out):
+            with open(out) as f:
+                result = json.load(f)
+            result.update(repeat=rep, process_wall_s=wall)
+            return result, None
+        with open(self.log) as f:
+            tail = f.read()[-2000:]
+        return None, {"name": setup, "backend": backend, "rank": rank, "repeat": rep,
+                      "reason": f"worker exit {self.rc}", "log": self.log, "log_tail": tail}
+
+
+def run_batch(jobs, args, tmp, log_dir):
+    """Starts `jobs` together (they import, build, compile and warm up at the same time), then
+    lets them time their steps one after another, each alone on the machine. Yields (job, result,
+    failure) in order. The inference process times inside its own loop: it always runs alone."""
+    gated = len(jobs) > 1
+    workers = [Worker(job, args, tmp, log_dir, gated) for job in jobs]
+    for w in workers:
+        w.wait_ready()
+    for w in workers:
+        result, failure = w.go_and_finish()
+        yield w.job, result, failure
+
+
+def run_worker(job, args, tmp, log_dir):
+    """One job, alone: (result, failure)."""
+    (_, result, failure), = run_batch([job], args, tmp, log_dir)
+    return result, failure
+
+
+def batches(jobs, prepare):
+    """Groups consecutive training jobs `prepare` at a time; inference jobs go alone."""
+    out, cur = [], []
+    for job in jobs:
+        if job[2] == "inference":
+            out += [cur] if cur else []
+            out.append([job])
+            cur = []
+            continue
+        cur.append(job)
+        if len(cur) == prepare:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
 
 
 # -- aggregation ------------------------------------------------------------
@@ -341,7 +429,7 @@ def check_targets(records, rank_scaling, inference, args):
             n = rec.get((num, backend))
             d = rec.get((den, "torch" if den.startswith("peft") else backend))
             value = _ratio(n and n["median_step_s"], d and d["median_step_s"])
-            out.append({"target": f"{backend}: {label}", "value": value, "limit": limit * slack,
+            out.append({"target": f"{backend}: {label}", "value": value, "limit": round(limit * slack, 4),
                         "ok": None if value is None else value <= limit * slack})
         n, f, k = rec.get(("lora3-all_linear", backend)), rec.get(("full", backend)), rec.get(("keras-all_linear", backend))
         value = _ratio(n and n["peak_rss_mb"], f and f["peak_rss_mb"])
@@ -411,12 +499,26 @@ def render(report):
         parts.append("inference (jitted forward, same batch; generate() greedy)\n" + _table(
             ["backend", "variant", "fwd s", "/base", "gen tok/s", "gen /base", "merged-unmerged"], rows))
     if report["targets"]:
-        rows = [[t["target"], _f(t["value"], "{:.3f}"), str(t["limit"]),
+        rows = [[t["target"], _f(t["value"], "{:.3f}"),
+                 " - ".join(f"{x:.3g}" for x in t["limit"]) if isinstance(t["limit"], list) else f"{t['limit']:.3g}",
                  {True: "ok", False: "MISS", None: "n/a"}[t["ok"]]] for t in report["targets"]]
         parts.append("targets (issue 4)\n" + _table(["target", "value", "limit", ""], rows))
     for s in report["skipped"]:
         parts.append(f"skipped {s['name']} ({s['backend']}): {s['reason']}")
     return "\n\n".join(parts)
+
+
+def _report_job(i, n, job, result, failure):
+    rep, backend, setup, rank = job
+    line = f"[{i}/{n}] repeat {rep} {setup} ({backend}, r={rank}) ... "
+    if result is None:
+        print(line + f"FAILED ({failure['reason']}; log {failure['log']})", flush=True)
+        print(failure["log_tail"][-800:], file=sys.stderr)
+    elif setup == "inference":
+        print(line + f"{result['worker_wall_s']:.0f}s", flush=True)
+    else:
+        print(line + f"{statistics.median(result['step_times_s']):.4f} s/step "
+              f"(process {result['process_wall_s']:.0f}s)", flush=True)
 
 
 def main(argv=None):
@@ -428,24 +530,19 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="lora3_bench_")
     log_dir = args.keep_logs or tmp
     os.makedirs(log_dir, exist_ok=True)
-    for i, job in enumerate(jobs, 1):
-        rep, backend, setup, rank = job
-        print(f"[{i}/{len(jobs)}] repeat {rep} {setup} ({backend}, r={rank}) ...", end=" ", flush=True)
-        result, failure = run_worker(job, args, tmp, log_dir)
-        if result is not None:
-            results.append(result)
-            if setup == "inference":
-                print(f"{result['worker_wall_s']:.0f}s", flush=True)
+    i = 0
+    for batch in batches(jobs, args.prepare):
+        for job, result, failure in run_batch(batch, args, tmp, log_dir):
+            i += 1
+            _report_job(i, len(jobs), job, result, failure)
+            if result is not None:
+                results.append(result)
             else:
-                print(f"{statistics.median(result['step_times_s']):.4f} s/step "
-                      f"(process {result['process_wall_s']:.0f}s)", flush=True)
-        else:
-            failures.append(failure)
-            print(f"FAILED ({failure['reason']}; log {failure['log']})", flush=True)
-            print(failure["log_tail"][-800:], file=sys.stderr)
+                failures.append(failure)
     records, rank_scaling, inference = aggregate(results, args)
     report = {
         "meta": {
+            "prepare": args.prepare,
             "command": "python -m lora3.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "args": vars(args),
             "machine": machine_info(),

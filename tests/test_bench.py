@@ -40,7 +40,7 @@ def bench(tmp_path_factory):
         "--rank", "4", "--ranks", "4", "--rank-backends", BACKEND,
         "--backends", ",".join(BACKENDS), "--inference-backends", BACKEND,
         "--inference-targets", "all_linear", "--inference-rounds", "1", "--generate-rounds", "1", "--generate-variants", "base",
-        "--out", str(out),
+        "--prepare", "2", "--out", str(out),
     ]
     env = dict(os.environ, KERAS_BACKEND=BACKEND)
     proc = subprocess.run([sys.executable, "-m", "lora3.bench", *args], cwd=REPO, env=env,
@@ -55,6 +55,29 @@ def test_exits_zero_and_prints_tables(bench):
     assert "rank scaling" in proc.stdout
     assert "inference" in proc.stdout
     assert "targets (issue 4)" in proc.stdout
+
+
+def test_timed_steps_never_overlap_another_process_at_work(bench):
+    """With --prepare 2, two processes import/build/compile at once, but while one times its steps
+    every other live process waits at its gate (or has exited)."""
+    _, report = bench
+    assert report["meta"]["prepare"] == 2
+    runs = [r for r in report["raw"] if "timed_start_unix" in r]
+    assert len(runs) >= 4
+    for r in runs:
+        assert r["started_unix"] <= r["ready_unix"] <= r["timed_start_unix"] <= r["timed_end_unix"]
+    for x in runs:
+        for y in runs:
+            if x is y:
+                continue
+            # y's untimed work [started, ready] must not intersect x's timed window.
+            busy_during_timing = y["started_unix"] < x["timed_end_unix"] and x["timed_start_unix"] < y["ready_unix"]
+            assert not busy_during_timing, (x["setup"], x["backend"], y["setup"], y["backend"])
+            # and two timed windows never overlap
+            assert x["timed_end_unix"] <= y["timed_start_unix"] or y["timed_end_unix"] <= x["timed_start_unix"]
+    # the gate did let two processes prepare at once at least once
+    assert any(y["started_unix"] < x["ready_unix"] and x["started_unix"] < y["ready_unix"]
+               for x in runs for y in runs if x is not y)
 
 
 def test_records_have_the_issue_fields(bench):

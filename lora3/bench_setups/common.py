@@ -87,18 +87,46 @@ def batch_arrays(spec, vocab):
     }
 
 
-def time_steps(step, warmup, steps):
-    """Runs `step()` 1 + warmup + steps times; returns (first_call_s, [timed step s])."""
+GATE_ENV = "LORA3_BENCH_GATE"
+# When this worker reached its gate and timed its steps (wall clock): written to the result, so a
+# run can be checked for timed steps that overlapped another process's untimed work.
+TIMELINE = {}
+
+
+def wait_for_turn():
+    """Ends the untimed part of a worker: with `LORA3_BENCH_GATE=<prefix>` set (by `python -m
+    lora3.bench` when setups prepare two at a time), touches `<prefix>.ready` and waits for
+    `<prefix>.go`. The orchestrator gives the go to one worker at a time, once every other live
+    worker is waiting here too, so timed steps always run on an otherwise idle machine."""
+    prefix = os.environ.get(GATE_ENV)
+    if not prefix:
+        return
+    with open(prefix + ".ready", "w"):
+        pass
+    while not os.path.exists(prefix + ".go"):
+        time.sleep(0.02)
+
+
+def time_steps(step, warmup, steps, before_timing=None):
+    """Runs `step()` 1 + warmup times untimed, then `before_timing()` (more untimed work, e.g.
+    FLOP counting), then waits for its turn (`wait_for_turn`), then runs `steps` timed steps.
+    Returns (first_call_s, [timed step s])."""
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
     for _ in range(max(warmup - 1, 0)):
         step()
+    if before_timing is not None:
+        before_timing()
+    TIMELINE["ready_unix"] = time.time()
+    wait_for_turn()
+    TIMELINE["timed_start_unix"] = time.time()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    TIMELINE["timed_end_unix"] = time.time()
     return first, times
 
 
@@ -117,9 +145,11 @@ def summarize_steps(spec, first, times):
 def main(run):
     """Worker entry: argv[1] is the JSON spec; the result goes to spec["out"]."""
     spec = json.loads(sys.argv[1])
-    result = {"setup": spec["setup"], "backend": spec["backend"], "rank": spec.get("rank")}
+    result = {"setup": spec["setup"], "backend": spec["backend"], "rank": spec.get("rank"),
+              "started_unix": time.time()}
     t0 = time.perf_counter()
     result.update(run(spec))
+    result.update(TIMELINE)
     result["peak_rss_mb"] = peak_rss_mb()
     result["peak_device_mb"] = peak_device_mb()
     result["worker_wall_s"] = time.perf_counter() - t0

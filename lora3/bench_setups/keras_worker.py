@@ -151,7 +151,16 @@ def run_train(spec):
     def step():
         model.train_on_batch(x, y)
 
-    first, times = time_steps(step, spec["warmup"], spec["steps"])
+    flops = {}
+
+    def count_flops():  # untimed: before this worker's turn to time its steps
+        if keras.backend.backend() == "jax" and spec.get("flops", "lowered") != "none":
+            try:
+                flops["flops_per_step"] = jax_step_flops(model, x, y, spec.get("flops", "lowered"))
+            except Exception as exc:  # cost analysis is best effort
+                flops["flops_error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+    first, times = time_steps(step, spec["warmup"], spec["steps"], before_timing=count_flops)
     out = summarize_steps(spec, first, times)
     opt_vars = list(model.optimizer.variables)
     out.update(
@@ -164,11 +173,7 @@ def run_train(spec):
         optimizer_bytes=int(sum(_prod(v.shape) * np.dtype(v.dtype).itemsize for v in opt_vars)),
         flops_per_step=None,
     )
-    if keras.backend.backend() == "jax" and spec.get("flops", "lowered") != "none":
-        try:
-            out["flops_per_step"] = jax_step_flops(model, x, y, spec.get("flops", "lowered"))
-        except Exception as exc:  # cost analysis is best effort
-            out["flops_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    out.update(flops)
     return out
 
 

@@ -85,8 +85,21 @@ def run(spec):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
+    flops = {}
+
+    def count_flops():  # untimed: before this worker's turn to time its steps
+        if spec.get("flops", "lowered") != "none":
+            from torch.utils.flop_counter import FlopCounterMode
+
+            counter = FlopCounterMode(display=False)
+            with counter:
+                loss = loss_fn()
+                loss.backward()
+            opt.zero_grad(set_to_none=True)
+            flops["flops_per_step"] = float(counter.get_total_flops())
+
     rss_after_build = current_rss_mb()
-    first, times = time_steps(step, spec["warmup"], spec["steps"])
+    first, times = time_steps(step, spec["warmup"], spec["steps"], before_timing=count_flops)
     out = summarize_steps(spec, first, times)
     out["rss_after_build_mb"] = rss_after_build
     state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
@@ -99,15 +112,7 @@ def run(spec):
         flops_per_step=None,
         torch_threads=torch.get_num_threads(),
     )
-    if spec.get("flops", "lowered") != "none":
-        from torch.utils.flop_counter import FlopCounterMode
-
-        counter = FlopCounterMode(display=False)
-        with counter:
-            loss = loss_fn()
-            loss.backward()
-        opt.zero_grad(set_to_none=True)
-        out["flops_per_step"] = float(counter.get_total_flops())
+    out.update(flops)
     return out
 
 

@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per process")
     p.add_argument("--rank-steps", type=int, default=None, help="timed steps of the rank sweep (default --steps)")
     p.add_argument("--inference-backends", type=_csv(str), default=["jax"])
-    p.add_argument("--inference-rounds", type=int, default=8, help="round-robin forward passes per variant")
+    p.add_argument("--inference-rounds", type=int, default=16, help="round-robin forward passes per variant")
     p.add_argument("--generate-rounds", type=int, default=2, help="timed generate() calls per variant (0: none)")
     p.add_argument("--inference-targets", type=_csv(str), default=["qv", "all_linear"],
                    help="adapters of the inference process (each unmerged and merged)")

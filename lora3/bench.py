@@ -18,7 +18,9 @@ time), but timed steps never overlap anything: each process waits at a gate
     frozen-floor      only the first norm scale of each stack trains: forward plus the whole
                       input-gradient backward, no real weight gradient: the floor of any LoRA step
 
-plus a rank sweep of lora3-all_linear (--ranks, on --rank-backends) and an inference process per
+plus a rank sweep of lora3-all_linear (--ranks, on --rank-backends: one process per backend holds
+a model per rank and times them round-robin, so rank ratios carry no process-to-process noise) and
+an inference process per
 --inference-backends: jitted forward latency of base / unmerged / merged adapters (round-robin
 in one process) and `generate()` tokens per second.
 
@@ -182,15 +184,17 @@ def plan_jobs(args):
             base.append((backend, setup, args.rank))
     a = MODELS[args.model]
     max_rank = min(a["hidden_dim"], a["intermediate_dim"], a["num_heads"] * a["key_value_dim"])
+    ranks = []
     for r in args.ranks:
         if r > max_rank:
             skipped.append({"name": "lora3-all_linear", "backend": ",".join(args.rank_backends), "rank": r,
                             "reason": f"rank {r} > {max_rank}, the smallest layer of --model {args.model}"})
-            continue
-        for backend in args.rank_backends:
-            if r == args.rank and "lora3-all_linear" in args.setups and backend in args.backends:
-                continue  # the main record is that point of the sweep
-            base.append((backend, "lora3-all_linear", r))
+        else:
+            ranks.append(r)
+    if ranks:
+        # One process per backend holds a model per rank and times them round-robin.
+        base += [(backend, "rank-sweep", None) for backend in args.rank_backends]
+    args.sweep_ranks = ranks
     jobs = []
     for rep in range(args.repeats):
         order = base if rep % 2 == 0 else base[::-1]
@@ -206,7 +210,8 @@ def _spec(job, args, tmp):
         "setup": setup, "backend": backend, "model": args.model, "batch": args.batch,
         "enc_len": args.enc_len, "dec_len": args.dec_len, "rank": rank, "alpha": args.alpha,
         "warmup": args.warmup, "dropout": args.dropout, "dtype": args.dtype, "seed": args.seed,
-        "steps": args.rank_steps if (rank != args.rank and args.rank_steps) else args.steps,
+        "steps": args.rank_steps if (setup == "rank-sweep" and args.rank_steps) else args.steps,
+        "ranks": getattr(args, "sweep_ranks", args.ranks),
         # FLOPs do not change between repeats: count them once.
         "flops": args.flops if rep == 0 else "none",
         "inference_rounds": args.inference_rounds, "generate_rounds": args.generate_rounds,
@@ -332,7 +337,7 @@ def aggregate(results, args):
     """Pools the repeats of each (setup, backend, rank) into one record; adds ratios."""
     groups = {}
     for r in results:
-        if r["setup"] == "inference":
+        if r["setup"] in ("inference", "rank-sweep"):
             continue
         groups.setdefault((r["setup"], r["backend"], r["rank"]), []).append(r)
     pooled = {}
@@ -368,7 +373,7 @@ def aggregate(results, args):
             "repeat_medians_s": [statistics.median(r["step_times_s"]) for r in runs],
             "steps_timed": len(times),
         }
-    records, sweep = [], []
+    records = []
     for key, rec in pooled.items():
         setup, backend, rank = key
         kind, targets = SETUPS[setup]
@@ -387,23 +392,32 @@ def aggregate(results, args):
             rec["ratio_to_keras"] = _ratio(rec["median_step_s"], keras_rec and keras_rec["median_step_s"])
             rec["rss_ratio_to_keras"] = _ratio(rec["peak_rss_mb"], keras_rec and keras_rec["peak_rss_mb"])
             rec["ratio_to_peft"] = _ratio(rec["median_step_s"], peft_rec and peft_rec["median_step_s"])
-        if rank == args.rank or kind not in ("lora3",):
-            records.append(rec)
-        if kind == "lora3" and targets == "all_linear" and rank in args.ranks:
-            sweep.append(rec)
+        records.append(rec)
     order = {s: i for i, s in enumerate(SETUPS)}
     records.sort(key=lambda r: (order[r["name"]], r["backend"]))
-    sweep.sort(key=lambda r: (r["backend"], r["rank"]))
-    by_rank = {(r["backend"], r["rank"]): r for r in sweep}
+    # The rank sweep: each process timed every rank round-robin; pool the repeats per rank.
+    points = {}
+    for r in results:
+        if r["setup"] == "rank-sweep":
+            for p in r["sweep"]:
+                points.setdefault((r["backend"], p["rank"]), []).append(p)
+    medians = {key: statistics.median([t for p in ps for t in p["step_times_s"]]) for key, ps in points.items()}
     rank_scaling = []
-    for r in sweep:
-        r4 = by_rank.get((r["backend"], 4))
+    for (backend, rank), ps in sorted(points.items()):
+        med = medians[(backend, rank)]
+        same = lambda name: pooled.get((name, backend, args.rank))  # noqa: E731
+        full, fwd, floor = same("full"), same("forward-only"), same("frozen-floor")
         rank_scaling.append({
-            "backend": r["backend"], "rank": r["rank"], "median_step_s": r["median_step_s"],
-            "ratio_to_r4": _ratio(r["median_step_s"], r4 and r4["median_step_s"]),
-            "x_forward_only": r["x_forward_only"], "x_floor": r["x_floor"], "ratio_to_full": r["ratio_to_full"],
-            "trainable_params": r["trainable_params"], "flops_per_step": r["flops_per_step"],
-            "peak_rss_mb": r["peak_rss_mb"], "compile_s": r["compile_s"],
+            "backend": backend, "rank": rank, "median_step_s": med,
+            "ratio_to_r4": _ratio(med, medians.get((backend, 4))),
+            # across processes (the sweep's own process vs the main setups'): indicative only
+            "x_forward_only": _ratio(med, fwd and fwd["median_step_s"]),
+            "x_floor": _ratio(med, floor and floor["median_step_s"]),
+            "ratio_to_full": _ratio(med, full and full["median_step_s"]),
+            "trainable_params": ps[0]["trainable_params"],
+            "compile_s": statistics.median(p["compile_s"] for p in ps),
+            "repeat_medians_s": [statistics.median(p["step_times_s"]) for p in ps],
+            "steps_timed": sum(len(p["step_times_s"]) for p in ps),
         })
     inference = []
     for r in results:
@@ -516,6 +530,9 @@ def _report_job(i, n, job, result, failure):
         print(failure["log_tail"][-800:], file=sys.stderr)
     elif setup == "inference":
         print(line + f"{result['worker_wall_s']:.0f}s", flush=True)
+    elif setup == "rank-sweep":
+        points = ", ".join(f"r={p['rank']} {p['median_step_s']:.4f}" for p in result["sweep"])
+        print(line + f"{points} s/step (process {result['process_wall_s']:.0f}s)", flush=True)
     else:
         print(line + f"{statistics.median(result['step_times_s']):.4f} s/step "
               f"(process {result['process_wall_s']:.0f}s)", flush=True)

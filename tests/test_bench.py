@@ -37,7 +37,7 @@ def bench(tmp_path_factory):
         "--model", "tiny", "--batch", "2", "--enc-len", "8", "--dec-len", "4",
         "--repeats", "1", "--warmup", "1", "--steps", "1",
         "--setups", "full,lora3-all_linear,peft-all_linear",
-        "--rank", "4", "--ranks", "4", "--rank-backends", BACKEND,
+        "--rank", "4", "--ranks", "2,4", "--rank-backends", BACKEND,
         "--backends", ",".join(BACKENDS), "--inference-backends", BACKEND,
         "--inference-targets", "all_linear", "--inference-rounds", "1", "--generate-rounds", "1", "--generate-variants", "base",
         "--prepare", "2", "--out", str(out),
@@ -119,8 +119,11 @@ def test_peft_record_or_skip_note(bench):
 def test_rank_scaling_inference_targets_meta(bench):
     _, report = bench
     sweep = [r for r in report["rank_scaling"] if r["backend"] == BACKEND]
-    assert [r["rank"] for r in sweep] == [4]
-    assert sweep[0]["ratio_to_r4"] == pytest.approx(1.0)
+    assert [r["rank"] for r in sweep] == [2, 4]  # both timed round-robin in one process
+    assert sweep[1]["ratio_to_r4"] == pytest.approx(1.0)
+    assert sweep[0]["trainable_params"] * 2 == sweep[1]["trainable_params"]
+    sweeps = [r for r in report["raw"] if r["setup"] == "rank-sweep"]
+    assert len(sweeps) == 1 and [len(p["step_times_s"]) for p in sweeps[0]["sweep"]] == [1, 1]
     variants = {v["variant"]: v for v in report["inference"]}
     assert set(variants) == {"base", "all_linear-unmerged", "all_linear-merged"}
     assert variants["base"]["forward_ratio_to_base"] == pytest.approx(1.0)

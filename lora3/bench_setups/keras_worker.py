@@ -3,8 +3,8 @@
     KERAS_BACKEND=jax python -m lora3.bench_setups.keras_worker '<json spec>'
 
 Training setups time `model.train_on_batch` (compiled with `jit_compile=True`, AdamW, sparse
-cross-entropy on logits, no metrics): what a user of `fit()` gets per step. The `inference`
-setup times the jitted forward (`predict_on_batch`) of the base model, unmerged and merged
+cross-entropy on logits, no metrics): what a user of `fit()` gets per step. The `rank-sweep` setup
+times lora3 all_linear at several ranks in one process, round-robin. The `inference` setup times the jitted forward (`predict_on_batch`) of the base model, unmerged and merged
 adapters, round-robin, and `generate()` tokens per second.
 """
 
@@ -259,9 +259,52 @@ def run_inference(spec):
     return {"inference": records, "backend_name": keras.backend.backend()}
 
 
+def run_rank_sweep(spec):
+    """lora3 all_linear at each rank of `spec["ranks"]`, all in this process: every model is built,
+    compiled and warmed up, then the timed steps go round-robin (one step per model per round,
+    alternate rounds reversed), so the rank ratios carry no process-to-process variation."""
+    from lora3.bench_setups.common import TIMELINE, wait_for_turn
+
+    arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
+    y = arrays.pop("labels")
+    x = arrays
+    models, compile_s = {}, {}
+    for rank in spec["ranks"]:
+        s = dict(spec, setup="lora3-all_linear", rank=rank)
+        model = build_model(s)
+        prepare(s, model)
+        compile_model(model, s)
+        t0 = time.perf_counter()
+        model.train_on_batch(x, y)
+        compile_s[rank] = time.perf_counter() - t0
+        for _ in range(max(spec["warmup"] - 1, 0)):
+            model.train_on_batch(x, y)
+        models[rank] = model
+    TIMELINE["ready_unix"] = time.time()
+    wait_for_turn()
+    TIMELINE["timed_start_unix"] = time.time()
+    times = {rank: [] for rank in models}
+    order = list(models)
+    for i in range(spec["steps"]):
+        for rank in (order if i % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            models[rank].train_on_batch(x, y)
+            times[rank].append(time.perf_counter() - t0)
+    TIMELINE["timed_end_unix"] = time.time()
+    sweep = []
+    for rank, model in models.items():
+        med = statistics.median(times[rank])
+        sweep.append({"rank": rank, "median_step_s": med, "step_times_s": times[rank],
+                      "compile_s": max(compile_s[rank] - med, 0.0),
+                      "trainable_params": _count(model.trainable_weights)})
+    return {"sweep": sweep}
+
+
 def run(spec):
     if spec["setup"] == "inference":
         return run_inference(spec)
+    if spec["setup"] == "rank-sweep":
+        return run_rank_sweep(spec)
     return run_train(spec)
 
 

@@ -101,9 +101,12 @@ def wait_for_turn():
     prefix = os.environ.get(GATE_ENV)
     if not prefix:
         return
+    parent = os.getppid()
     with open(prefix + ".ready", "w"):
         pass
     while not os.path.exists(prefix + ".go"):
+        if os.getppid() != parent:  # the orchestrator is gone (interrupted): do not wait forever
+            sys.exit("lora3.bench orchestrator exited before this worker's turn")
         time.sleep(0.02)
 
 

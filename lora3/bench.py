@@ -303,12 +303,6 @@ def run_batch(jobs, args, tmp, log_dir):
         yield w.job, result, failure
 
 
-def run_worker(job, args, tmp, log_dir):
-    """One job, alone: (result, failure)."""
-    (_, result, failure), = run_batch([job], args, tmp, log_dir)
-    return result, failure
-
-
 def batches(jobs, prepare):
     """Groups consecutive training jobs `prepare` at a time; inference jobs go alone."""
     out, cur = [], []

@@ -121,9 +121,7 @@ def time_steps(step, warmup, steps, before_timing=None):
         step()
     if before_timing is not None:
         before_timing()
-    TIMELINE["ready_unix"] = time.time()
-    wait_for_turn()
-    TIMELINE["timed_start_unix"] = time.time()
+    start_timed_phase()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -131,6 +129,13 @@ def time_steps(step, warmup, steps, before_timing=None):
         times.append(time.perf_counter() - t0)
     TIMELINE["timed_end_unix"] = time.time()
     return first, times
+
+
+def start_timed_phase():
+    """Waits for this worker's turn (`wait_for_turn`), noting when it got there and when it began."""
+    TIMELINE["ready_unix"] = time.time()
+    wait_for_turn()
+    TIMELINE["timed_start_unix"] = time.time()
 
 
 def summarize_steps(spec, first, times):

@@ -17,7 +17,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lora3.bench_setups.common import (  # noqa: E402
-    MODELS, SETUPS, batch_arrays, current_rss_mb, main, summarize_steps, time_steps,
+    MODELS, SETUPS, TIMELINE, batch_arrays, current_rss_mb, main, start_timed_phase, summarize_steps, time_steps,
 )
 
 
@@ -263,8 +263,6 @@ def run_rank_sweep(spec):
     """lora3 all_linear at each rank of `spec["ranks"]`, all in this process: every model is built,
     compiled and warmed up, then the timed steps go round-robin (one step per model per round,
     alternate rounds reversed), so the rank ratios carry no process-to-process variation."""
-    from lora3.bench_setups.common import TIMELINE, wait_for_turn
-
     arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
     y = arrays.pop("labels")
     x = arrays
@@ -280,9 +278,7 @@ def run_rank_sweep(spec):
         for _ in range(max(spec["warmup"] - 1, 0)):
             model.train_on_batch(x, y)
         models[rank] = model
-    TIMELINE["ready_unix"] = time.time()
-    wait_for_turn()
-    TIMELINE["timed_start_unix"] = time.time()
+    start_timed_phase()
     times = {rank: [] for rank in models}
     order = list(models)
     for i in range(spec["steps"]):

@@ -6,7 +6,8 @@ position effects hit all setups alike. Ratios are only ever taken between setups
 run. The untimed part of a process (imports, model build, compilation, warm-up, FLOP count) may
 overlap with the next one's (`--prepare 2`, the default on 2+ cores: it roughly halves the wall
 time), but timed steps never overlap anything: each process waits at a gate
-(`bench_setups.common.wait_for_turn`) until every other live process waits too. Setups (T5 architecture, random init, AdamW, sparse cross-entropy, batch of random ids):
+(`bench_setups.common.wait_for_turn`) until every other live process waits too.
+Setups (T5 architecture, random init, AdamW, sparse cross-entropy, batch of random ids):
 
     full              every weight trains
     lora3-qv          lora3 r=--rank on q and v            lora3-all_linear   ... on every Dense of the blocks
@@ -182,19 +183,14 @@ def plan_jobs(args):
             continue
         for backend in args.backends:
             base.append((backend, setup, args.rank))
-    a = MODELS[args.model]
-    max_rank = min(a["hidden_dim"], a["intermediate_dim"], a["num_heads"] * a["key_value_dim"])
-    ranks = []
+    max_rank = _max_rank(args.model)
     for r in args.ranks:
         if r > max_rank:
             skipped.append({"name": "lora3-all_linear", "backend": ",".join(args.rank_backends), "rank": r,
                             "reason": f"rank {r} > {max_rank}, the smallest layer of --model {args.model}"})
-        else:
-            ranks.append(r)
-    if ranks:
+    if _sweep_ranks(args):
         # One process per backend holds a model per rank and times them round-robin.
         base += [(backend, "rank-sweep", None) for backend in args.rank_backends]
-    args.sweep_ranks = ranks
     jobs = []
     for rep in range(args.repeats):
         order = base if rep % 2 == 0 else base[::-1]
@@ -204,6 +200,22 @@ def plan_jobs(args):
     return jobs, skipped
 
 
+def _max_rank(model):
+    a = MODELS[model]
+    return min(a["hidden_dim"], a["intermediate_dim"], a["num_heads"] * a["key_value_dim"])
+
+
+def _sweep_ranks(args):
+    """The --ranks the model's smallest layer allows (the others are reported as skipped)."""
+    return [r for r in args.ranks if r <= _max_rank(args.model)]
+
+
+def _stem(job):
+    """File name stem of a job's result, log and gate files."""
+    rep, backend, setup, rank = job
+    return f"{setup}-{backend}-r{rank}-{rep}"
+
+
 def _spec(job, args, tmp):
     rep, backend, setup, rank = job
     return {
@@ -211,7 +223,7 @@ def _spec(job, args, tmp):
         "enc_len": args.enc_len, "dec_len": args.dec_len, "rank": rank, "alpha": args.alpha,
         "warmup": args.warmup, "dropout": args.dropout, "dtype": args.dtype, "seed": args.seed,
         "steps": args.rank_steps if (setup == "rank-sweep" and args.rank_steps) else args.steps,
-        "ranks": getattr(args, "sweep_ranks", args.ranks),
+        "ranks": _sweep_ranks(args),
         # FLOPs do not change between repeats: count them once.
         "flops": args.flops if rep == 0 else "none",
         "inference_rounds": args.inference_rounds, "generate_rounds": args.generate_rounds,
@@ -219,20 +231,20 @@ def _spec(job, args, tmp):
         "generate_variants": args.generate_variants if args.generate_variants is not None else
         (["base", f"{args.inference_targets[-1]}-unmerged", f"{args.inference_targets[-1]}-merged"]
          if args.inference_targets else ["base"]),
-        "out": os.path.join(tmp, f"{setup}-{backend}-r{rank}-{rep}.json"),
+        "out": os.path.join(tmp, _stem(job) + ".json"),
     }
 
 
 class Worker:
     """One setup's process. With a gate (`gated=True`) it stops before its timed steps and
-    waits for `go()` (see `lora3.bench_setups.common.wait_for_turn`)."""
+    waits for `go_and_finish()` (see `lora3.bench_setups.common.wait_for_turn`)."""
 
     def __init__(self, job, args, tmp, log_dir, gated):
-        rep, backend, setup, rank = job
+        backend = job[1]
         self.job, self.args = job, args
         self.spec = _spec(job, args, tmp)
-        self.log = os.path.join(log_dir, f"{setup}-{backend}-r{rank}-{rep}.log")
-        self.gate = os.path.join(tmp, f"{setup}-{backend}-r{rank}-{rep}.gate") if gated else None
+        self.log = os.path.join(log_dir, _stem(job) + ".log")
+        self.gate = os.path.join(tmp, _stem(job) + ".gate") if gated else None
         module = "lora3.bench_setups.peft_worker" if backend == "torch" else "lora3.bench_setups.keras_worker"
         env = dict(os.environ)
         env.pop(GATE_ENV, None)

@@ -3,8 +3,9 @@
     KERAS_BACKEND=jax python -m lora3.bench_setups.keras_worker '<json spec>'
 
 Training setups time `model.train_on_batch` (compiled with `jit_compile=True`, AdamW, sparse
-cross-entropy on logits, no metrics): what a user of `fit()` gets per step. The `rank-sweep` setup
-times lora3 all_linear at several ranks in one process, round-robin. The `inference` setup times the jitted forward (`predict_on_batch`) of the base model, unmerged and merged
+cross-entropy on logits, no metrics): what a user of `fit()` gets per step. The `rank-sweep`
+setup times lora3 all_linear at several ranks in one process, round-robin. The `inference` setup
+times the jitted forward (`predict_on_batch`) of the base model, unmerged and merged
 adapters, round-robin, and `generate()` tokens per second.
 """
 
@@ -17,7 +18,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lora3.bench_setups.common import (  # noqa: E402
-    MODELS, SETUPS, TIMELINE, batch_arrays, current_rss_mb, main, start_timed_phase, summarize_steps, time_steps,
+    MODELS, SETUPS, TIMELINE, batch_arrays, current_rss_mb, main, start_timed_phase, summarize_steps,
+    time_steps,
 )
 
 

@@ -19,8 +19,10 @@ Setups (T5 architecture, random init, AdamW, sparse cross-entropy, batch of rand
     frozen-floor      only the first norm scale of each stack trains: forward plus the whole
                       input-gradient backward, no real weight gradient: the floor of any LoRA step
 
-plus a rank sweep of lora3-all_linear (--ranks, on --rank-backends: one process per backend holds
-a model per rank and times them round-robin, so rank ratios carry no process-to-process noise) and
+plus a rank sweep of lora3 (--ranks on --rank-targets, default all_linear, on --rank-backends: one
+process per backend holds a model per rank and times them round-robin, so rank ratios carry no
+process-to-process noise; each rank's executed FLOPs beside its time), optionally the same
+side-by-side timing of chosen setups (--round-robin full,frozen-floor,lora3-qv,...) and
 an inference process per
 --inference-backends: jitted forward latency of base / unmerged / merged adapters (round-robin
 in one process) and `generate()` tokens per second.
@@ -28,7 +30,7 @@ in one process) and `generate()` tokens per second.
     python -m lora3.bench                        # defaults: FLAN-T5-small size, < 10 min on 2 CPU cores
     python -m lora3.bench --model tiny --repeats 1 --steps 2 --ranks 4,64 --out /tmp/b.json
 
-Writes `--out` (bench.json: meta, records, rank_scaling, inference, targets, skipped) and prints
+Writes `--out` (bench.json: meta, records, rank_scaling, round_robin, inference, targets, skipped) and prints
 the tables. Exit status 0 when every process ran (missed targets are reported, not failures);
 1 when a worker failed.
 """
@@ -81,8 +83,14 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8, help="rank of the main LoRA setups")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--ranks", type=_csv(int), default=[1, 4, 16, 64, 256],
-                   help="rank sweep of lora3-all_linear (empty: none)")
+                   help="ranks of the lora3 rank sweep (empty: none)")
+    p.add_argument("--rank-targets", type=_csv(str), default=["all_linear"],
+                   help="target sets of the rank sweep: all_linear, qv (each rank on each)")
     p.add_argument("--rank-backends", type=_csv(str), default=["jax"])
+    p.add_argument("--round-robin", type=_csv(str), default=[],
+                   help="Keras training setups also timed side by side in one process per --backends "
+                        "(round-robin, as the rank sweep), e.g. full,frozen-floor,lora3-qv,lora3-all_linear: "
+                        "their ratios carry no process-to-process noise (default: none)")
     p.add_argument("--backends", type=_csv(str), default=list(KERAS_BACKENDS))
     p.add_argument("--setups", type=_csv(str), default=list(DEFAULT_SETUPS))
     p.add_argument("--repeats", type=int, default=1, help="processes per setup, alternated")
@@ -118,9 +126,16 @@ def parse_args(argv=None):
     for b in args.backends + args.rank_backends + args.inference_backends:
         if b not in KERAS_BACKENDS:
             p.error(f"backend {b!r} is not valid; valid: {', '.join(KERAS_BACKENDS)}")
+    for t in args.rank_targets:
+        if f"lora3-{t}" not in SETUPS:
+            p.error(f"rank target {t!r} is not valid; valid: qv, all_linear")
     for s in args.setups:
         if s not in SETUPS:
             p.error(f"setup {s!r} is not valid; valid: {', '.join(SETUPS)}")
+    keras_setups = [name for name, (kind, _) in SETUPS.items() if kind != "peft"]
+    for s in args.round_robin:
+        if s not in keras_setups:
+            p.error(f"--round-robin setup {s!r} is not valid; valid: {', '.join(keras_setups)}")
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1:
         p.error("--steps, --repeats and --warmup must be >= 1")
     if args.prepare is None:
@@ -191,6 +206,8 @@ def plan_jobs(args):
     if _sweep_ranks(args):
         # One process per backend holds a model per rank and times them round-robin.
         base += [(backend, "rank-sweep", None) for backend in args.rank_backends]
+    if args.round_robin:
+        base += [(backend, "round-robin", None) for backend in args.backends]
     jobs = []
     for rep in range(args.repeats):
         order = base if rep % 2 == 0 else base[::-1]
@@ -223,7 +240,9 @@ def _spec(job, args, tmp):
         "enc_len": args.enc_len, "dec_len": args.dec_len, "rank": rank, "alpha": args.alpha,
         "warmup": args.warmup, "dropout": args.dropout, "dtype": args.dtype, "seed": args.seed,
         "steps": args.rank_steps if (setup == "rank-sweep" and args.rank_steps) else args.steps,
-        "ranks": _sweep_ranks(args),
+        # the models a rank-sweep or round-robin process times side by side: (setup, rank)
+        "points": [[f"lora3-{t}", r] for t in args.rank_targets for r in _sweep_ranks(args)]
+        if setup == "rank-sweep" else [[name, args.rank] for name in args.round_robin],
         # FLOPs do not change between repeats: count them once.
         "flops": args.flops if rep == 0 else "none",
         "inference_rounds": args.inference_rounds, "generate_rounds": args.generate_rounds,
@@ -343,7 +362,7 @@ def aggregate(results, args):
     """Pools the repeats of each (setup, backend, rank) into one record; adds ratios."""
     groups = {}
     for r in results:
-        if r["setup"] in ("inference", "rank-sweep"):
+        if r["setup"] in ("inference", "rank-sweep", "round-robin"):
             continue
         groups.setdefault((r["setup"], r["backend"], r["rank"]), []).append(r)
     pooled = {}
@@ -401,21 +420,20 @@ def aggregate(results, args):
         records.append(rec)
     order = {s: i for i, s in enumerate(SETUPS)}
     records.sort(key=lambda r: (order[r["name"]], r["backend"]))
-    # The rank sweep: each process timed every rank round-robin; pool the repeats per rank.
-    points = {}
-    for r in results:
-        if r["setup"] == "rank-sweep":
-            for p in r["sweep"]:
-                points.setdefault((r["backend"], p["rank"]), []).append(p)
-    medians = {key: statistics.median([t for p in ps for t in p["step_times_s"]]) for key, ps in points.items()}
+    # The rank sweep: each process timed every (targets, rank) round-robin; pool the repeats.
+    points, medians, flops_of = _pool_points(results, "rank-sweep")
     rank_scaling = []
-    for (backend, rank), ps in sorted(points.items()):
-        med = medians[(backend, rank)]
+    for (backend, setup, rank), ps in sorted(points.items()):
+        med = medians[backend, setup, rank]
+        targets = SETUPS[setup][1]
         same = lambda name: pooled.get((name, backend, args.rank))  # noqa: E731
         full, fwd, floor = same("full"), same("forward-only"), same("frozen-floor")
+        flops, flops_r4 = flops_of.get((backend, setup, rank)), flops_of.get((backend, setup, 4))
         rank_scaling.append({
-            "backend": backend, "rank": rank, "median_step_s": med,
-            "ratio_to_r4": _ratio(med, medians.get((backend, 4))),
+            "backend": backend, "targets": targets, "rank": rank, "median_step_s": med,
+            "ratio_to_r4": _ratio(med, medians.get((backend, setup, 4))),
+            # what the step time would be if the extra rank-r work ran as fast as the rest
+            "flops_per_step": flops, "flops_ratio_to_r4": _ratio(flops, flops_r4),
             # across processes (the sweep's own process vs the main setups'): indicative only
             "x_forward_only": _ratio(med, fwd and fwd["median_step_s"]),
             "x_floor": _ratio(med, floor and floor["median_step_s"]),
@@ -425,6 +443,26 @@ def aggregate(results, args):
             "repeat_medians_s": [statistics.median(p["step_times_s"]) for p in ps],
             "steps_timed": sum(len(p["step_times_s"]) for p in ps),
         })
+    # Setups timed side by side in one process per backend (--round-robin).
+    points, medians, flops_of = _pool_points(results, "round-robin")
+    round_robin = []
+    for (backend, setup, rank), ps in points.items():
+        med = medians[backend, setup, rank]
+        kind, targets = SETUPS[setup]
+        same = lambda name: medians.get((backend, name, args.rank))  # noqa: E731
+        rec = {
+            "name": setup, "backend": backend, "rank": rank if kind in ("lora3", "keras") else None,
+            "median_step_s": med, "ratio_to_full": _ratio(med, same("full")),
+            "x_floor": _ratio(med, same("frozen-floor")), "x_forward_only": _ratio(med, same("forward-only")),
+            "ratio_to_keras": _ratio(med, same(f"keras-{targets}")) if kind == "lora3" else None,
+            "flops_per_step": flops_of.get((backend, setup, rank)),
+            "trainable_params": ps[0]["trainable_params"],
+            "compile_s": statistics.median(p["compile_s"] for p in ps),
+            "repeat_medians_s": [statistics.median(p["step_times_s"]) for p in ps],
+            "steps_timed": sum(len(p["step_times_s"]) for p in ps),
+        }
+        round_robin.append(rec)
+    round_robin.sort(key=lambda r: (order[r["name"]], r["backend"]))
     inference = []
     for r in results:
         if r["setup"] != "inference":
@@ -436,10 +474,24 @@ def aggregate(results, args):
             if "generate_tokens_per_s" in v and "generate_tokens_per_s" in base:
                 v["generate_ratio_to_base"] = _ratio(v["generate_tokens_per_s"], base["generate_tokens_per_s"])
             inference.append(v)
-    return records, rank_scaling, inference
+    return records, rank_scaling, round_robin, inference
 
 
-def check_targets(records, rank_scaling, inference, args):
+def _pool_points(results, setup):
+    """The points of every `setup` ("rank-sweep" or "round-robin") process, pooled over repeats:
+    {(backend, setup, rank): [point]}, the median step of each, and its FLOPs (when counted)."""
+    points = {}
+    for r in results:
+        if r["setup"] == setup:
+            for p in r["points"]:
+                points.setdefault((r["backend"], p["setup"], p["rank"]), []).append(p)
+    medians = {key: statistics.median([t for p in ps for t in p["step_times_s"]]) for key, ps in points.items()}
+    flops = {key: next((p["flops_per_step"] for p in ps if p.get("flops_per_step")), None)
+             for key, ps in points.items()}
+    return points, medians, flops
+
+
+def check_targets(records, rank_scaling, round_robin, inference, args):
     """The issue's targets, each with the measured value (None: not measured in this run)."""
     rec = {(r["name"], r["backend"]): r for r in records}
     out = []
@@ -461,12 +513,20 @@ def check_targets(records, rank_scaling, inference, args):
         value = _ratio(n and n["optimizer_bytes"], f and f["optimizer_bytes"])
         out.append({"target": f"{backend}: all_linear optimizer bytes / full", "value": value, "limit": 0.02,
                     "ok": None if value is None else value <= 0.02})
+        # The same step ratios from the round-robin process, where they carry no process noise.
+        rr = {r["name"]: r["median_step_s"] for r in round_robin if r["backend"] == backend}
+        for label, num, den, limit in TRAIN_TARGETS:
+            if num in rr and den in rr:
+                value = rr[num] / rr[den]
+                out.append({"target": f"{backend}: {label} (one process)", "value": value,
+                            "limit": round(limit * slack, 4), "ok": value <= limit * slack})
     for backend in args.rank_backends:
-        r = {x["rank"]: x for x in rank_scaling if x["backend"] == backend}
-        if 4 in r and 64 in r:
-            value = _ratio(r[64]["median_step_s"], r[4]["median_step_s"])
-            out.append({"target": f"{backend}: all_linear step r=64 / r=4", "value": value, "limit": 1.15,
-                        "ok": value <= 1.15})
+        for targets in args.rank_targets:
+            r = {x["rank"]: x for x in rank_scaling if x["backend"] == backend and x["targets"] == targets}
+            if 4 in r and 64 in r:
+                value = _ratio(r[64]["median_step_s"], r[4]["median_step_s"])
+                out.append({"target": f"{backend}: {targets} step r=64 / r=4", "value": value, "limit": 1.15,
+                            "ok": value <= 1.15})
     limits = {"qv-merged": (0.97, 1.03), "all_linear-merged": (0.97, 1.03),
               "qv-unmerged": (None, 1.05), "all_linear-unmerged": (None, 1.15)}
     for v in inference:
@@ -505,12 +565,22 @@ def render(report):
         ["setup", "backend", "s/step", "/full", "/keras", "/peft", "x fwd", "x floor", "GFLOP", "GFLOP/s",
          "compile s", "RSS MB", "train RSS", "trainable", "opt vars/bytes"], rows))
     if report["rank_scaling"]:
-        rows = [[r["backend"], r["rank"], _f(r["median_step_s"]), _f(r["ratio_to_r4"], "{:.2f}x"),
+        rows = [[r["backend"], r["targets"], r["rank"], _f(r["median_step_s"]), _f(r["ratio_to_r4"], "{:.2f}x"),
+                 _f(r["flops_per_step"] and r["flops_per_step"] / 1e9, "{:.1f}"),
+                 _f(r["flops_ratio_to_r4"], "{:.2f}x"),
                  _f(r["ratio_to_full"], "{:.2f}x"), _f(r["x_forward_only"], "{:.2f}"), _f(r["x_floor"], "{:.2f}"),
                  f"{r['trainable_params']:,}"]
                 for r in report["rank_scaling"]]
-        parts.append("rank scaling, lora3 all_linear\n" + _table(
-            ["backend", "rank", "s/step", "/r=4", "/full", "x fwd", "x floor", "trainable"], rows))
+        parts.append("rank scaling, lora3 (one process per backend, round-robin)\n" + _table(
+            ["backend", "targets", "rank", "s/step", "/r=4", "GFLOP", "GFLOP /r=4", "/full", "x fwd", "x floor",
+             "trainable"], rows))
+    if report.get("round_robin"):
+        rows = [[r["name"], r["backend"], _f(r["median_step_s"]), _f(r["ratio_to_full"], "{:.2f}x"),
+                 _f(r["ratio_to_keras"], "{:.2f}x"), _f(r["x_forward_only"], "{:.2f}"), _f(r["x_floor"], "{:.2f}"),
+                 _f(r["flops_per_step"] and r["flops_per_step"] / 1e9, "{:.1f}"), f"{r['trainable_params']:,}"]
+                for r in report["round_robin"]]
+        parts.append("training step, side by side in one process per backend (--round-robin)\n" + _table(
+            ["setup", "backend", "s/step", "/full", "/keras", "x fwd", "x floor", "GFLOP", "trainable"], rows))
     if report["inference"]:
         rows = [[v["backend"], v["variant"], _f(v["median_forward_s"], "{:.4f}"),
                  _f(v["forward_ratio_to_base"], "{:.3f}x"), _f(v.get("generate_tokens_per_s"), "{:.1f}"),
@@ -536,8 +606,8 @@ def _report_job(i, n, job, result, failure):
         print(failure["log_tail"][-800:], file=sys.stderr)
     elif setup == "inference":
         print(line + f"{result['worker_wall_s']:.0f}s", flush=True)
-    elif setup == "rank-sweep":
-        points = ", ".join(f"r={p['rank']} {p['median_step_s']:.4f}" for p in result["sweep"])
+    elif setup in ("rank-sweep", "round-robin"):
+        points = ", ".join(f"{p['setup']} r={p['rank']} {p['median_step_s']:.4f}" for p in result["points"])
         print(line + f"{points} s/step (process {result['process_wall_s']:.0f}s)", flush=True)
     else:
         print(line + f"{statistics.median(result['step_times_s']):.4f} s/step "
@@ -562,7 +632,7 @@ def main(argv=None):
                 results.append(result)
             else:
                 failures.append(failure)
-    records, rank_scaling, inference = aggregate(results, args)
+    records, rank_scaling, round_robin, inference = aggregate(results, args)
     report = {
         "meta": {
             "prepare": args.prepare,
@@ -580,8 +650,9 @@ def main(argv=None):
         },
         "records": records,
         "rank_scaling": rank_scaling,
+        "round_robin": round_robin,
         "inference": inference,
-        "targets": check_targets(records, rank_scaling, inference, args),
+        "targets": check_targets(records, rank_scaling, round_robin, inference, args),
         "skipped": skipped,
         "failures": failures,
         "raw": results,

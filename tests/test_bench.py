@@ -37,7 +37,8 @@ def bench(tmp_path_factory):
         "--model", "tiny", "--batch", "2", "--enc-len", "8", "--dec-len", "4",
         "--repeats", "1", "--warmup", "1", "--steps", "1",
         "--setups", "full,lora3-all_linear,peft-all_linear",
-        "--rank", "4", "--ranks", "2,4", "--rank-backends", BACKEND,
+        "--rank", "4", "--ranks", "2,4", "--rank-targets", "qv,all_linear", "--rank-backends", BACKEND,
+        "--round-robin", "full,frozen-floor,lora3-all_linear",
         "--backends", ",".join(BACKENDS), "--inference-backends", BACKEND,
         "--inference-targets", "all_linear", "--inference-rounds", "1", "--generate-rounds", "1", "--generate-variants", "base",
         "--prepare", "2", "--out", str(out),
@@ -118,12 +119,18 @@ def test_peft_record_or_skip_note(bench):
 
 def test_rank_scaling_inference_targets_meta(bench):
     _, report = bench
-    sweep = [r for r in report["rank_scaling"] if r["backend"] == BACKEND]
-    assert [r["rank"] for r in sweep] == [2, 4]  # both timed round-robin in one process
-    assert sweep[1]["ratio_to_r4"] == pytest.approx(1.0)
-    assert sweep[0]["trainable_params"] * 2 == sweep[1]["trainable_params"]
+    sweep = {(r["targets"], r["rank"]): r for r in report["rank_scaling"] if r["backend"] == BACKEND}
+    # every rank on every target set, timed round-robin in one process
+    assert sorted(sweep) == [("all_linear", 2), ("all_linear", 4), ("qv", 2), ("qv", 4)]
     sweeps = [r for r in report["raw"] if r["setup"] == "rank-sweep"]
-    assert len(sweeps) == 1 and [len(p["step_times_s"]) for p in sweeps[0]["sweep"]] == [1, 1]
+    assert len(sweeps) == 1 and [len(p["step_times_s"]) for p in sweeps[0]["points"]] == [1] * 4
+    for targets in ("qv", "all_linear"):
+        r2, r4 = sweep[targets, 2], sweep[targets, 4]
+        assert r4["ratio_to_r4"] == pytest.approx(1.0) and r4["flops_ratio_to_r4"] == pytest.approx(1.0)
+        assert r2["trainable_params"] * 2 == r4["trainable_params"]
+        assert r2["flops_per_step"] < r4["flops_per_step"]  # XLA counted the rank-r products
+    assert sweep["qv", 4]["trainable_params"] < sweep["all_linear", 4]["trainable_params"]
+    assert sweep["qv", 4]["flops_per_step"] < sweep["all_linear", 4]["flops_per_step"]
     variants = {v["variant"]: v for v in report["inference"]}
     assert set(variants) == {"base", "all_linear-unmerged", "all_linear-merged"}
     assert variants["base"]["forward_ratio_to_base"] == pytest.approx(1.0)
@@ -136,6 +143,25 @@ def test_rank_scaling_inference_targets_meta(bench):
     machine = report["meta"]["machine"]
     assert machine["nproc"] >= 1 and machine["versions"]["keras"]
     assert report["failures"] == [] and report["meta"]["wall_s"] > 0
+
+
+def test_round_robin_times_the_chosen_setups_side_by_side(bench):
+    """--round-robin: one process per backend times the chosen setups in turn; ratios within it."""
+    _, report = bench
+    raw = [r for r in report["raw"] if r["setup"] == "round-robin"]
+    assert sorted(r["backend"] for r in raw) == sorted(BACKENDS)  # one process per backend
+    for r in raw:
+        assert [(p["setup"], len(p["step_times_s"])) for p in r["points"]] == [
+            ("full", 1), ("frozen-floor", 1), ("lora3-all_linear", 1)]
+    rr = {(r["name"], r["backend"]): r for r in report["round_robin"]}
+    for backend in BACKENDS:
+        full, lora = rr["full", backend], rr["lora3-all_linear", backend]
+        assert full["ratio_to_full"] == pytest.approx(1.0)
+        assert lora["ratio_to_full"] == pytest.approx(lora["median_step_s"] / full["median_step_s"])
+        assert lora["trainable_params"] < full["trainable_params"]
+        assert rr["frozen-floor", backend]["x_floor"] == pytest.approx(1.0)
+        labels = {t["target"] for t in report["targets"]}
+        assert f"{backend}: all_linear step / full step (one process)" in labels
 
 
 def test_frozen_floor_trains_one_norm_per_stack():

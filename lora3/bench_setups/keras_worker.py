@@ -4,9 +4,10 @@
 
 Training setups time `model.train_on_batch` (compiled with `jit_compile=True`, AdamW, sparse
 cross-entropy on logits, no metrics): what a user of `fit()` gets per step. The `rank-sweep`
-setup times lora3 all_linear at several ranks in one process, round-robin. The `inference` setup
-times the jitted forward (`predict_on_batch`) of the base model, unmerged and merged
-adapters, round-robin, and `generate()` tokens per second.
+setup times lora3 at several ranks (and target sets) in one process, round-robin; `round-robin`
+times several of the training setups that way. The `inference` setup times the jitted forward
+(`predict_on_batch`) of the base model, unmerged and merged adapters, round-robin, and
+`generate()` tokens per second.
 """
 
 from __future__ import annotations
@@ -261,48 +262,57 @@ def run_inference(spec):
     return {"inference": records, "backend_name": keras.backend.backend()}
 
 
-def run_rank_sweep(spec):
-    """lora3 all_linear at each rank of `spec["ranks"]`, all in this process: every model is built,
-    compiled and warmed up, then the timed steps go round-robin (one step per model per round,
-    alternate rounds reversed), so the rank ratios carry no process-to-process variation."""
+def run_round_robin(spec):
+    """Several training setups in this process, timed side by side: `spec["points"]` lists
+    (setup, rank) pairs. Every model is built, compiled, warmed up and its FLOPs counted, then the
+    timed steps go round-robin (one step per model per round, alternate rounds reversed), so the
+    ratios between them carry no process-to-process variation. The rank sweep is one of these."""
+    keras = _keras()
     arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
     y = arrays.pop("labels")
     x = arrays
-    models, compile_s = {}, {}
-    for rank in spec["ranks"]:
-        s = dict(spec, setup="lora3-all_linear", rank=rank)
+    points = [tuple(p) for p in spec["points"]]
+    models, compile_s, flops = {}, {}, {}
+    for setup, rank in points:
+        s = dict(spec, setup=setup, rank=rank)
         model = build_model(s)
         prepare(s, model)
         compile_model(model, s)
         t0 = time.perf_counter()
         model.train_on_batch(x, y)
-        compile_s[rank] = time.perf_counter() - t0
+        compile_s[setup, rank] = time.perf_counter() - t0
         for _ in range(max(spec["warmup"] - 1, 0)):
             model.train_on_batch(x, y)
-        models[rank] = model
+        models[setup, rank] = model
+    for key, model in models.items():  # untimed, before the gate
+        if keras.backend.backend() == "jax" and spec.get("flops", "lowered") != "none":
+            try:
+                flops[key] = jax_step_flops(model, x, y, spec.get("flops", "lowered"))
+            except Exception:  # cost analysis is best effort
+                flops[key] = None
     start_timed_phase()
-    times = {rank: [] for rank in models}
-    order = list(models)
+    times = {key: [] for key in models}
     for i in range(spec["steps"]):
-        for rank in (order if i % 2 == 0 else order[::-1]):
+        for key in (points if i % 2 == 0 else points[::-1]):
             t0 = time.perf_counter()
-            models[rank].train_on_batch(x, y)
-            times[rank].append(time.perf_counter() - t0)
+            models[key].train_on_batch(x, y)
+            times[key].append(time.perf_counter() - t0)
     TIMELINE["timed_end_unix"] = time.time()
-    sweep = []
-    for rank, model in models.items():
-        med = statistics.median(times[rank])
-        sweep.append({"rank": rank, "median_step_s": med, "step_times_s": times[rank],
-                      "compile_s": max(compile_s[rank] - med, 0.0),
-                      "trainable_params": _count(model.trainable_weights)})
-    return {"sweep": sweep}
+    out = []
+    for (setup, rank), model in models.items():
+        med = statistics.median(times[setup, rank])
+        out.append({"setup": setup, "rank": rank, "median_step_s": med, "step_times_s": times[setup, rank],
+                    "compile_s": max(compile_s[setup, rank] - med, 0.0),
+                    "flops_per_step": flops.get((setup, rank)),
+                    "trainable_params": _count(model.trainable_weights)})
+    return {"points": out}
 
 
 def run(spec):
     if spec["setup"] == "inference":
         return run_inference(spec)
-    if spec["setup"] == "rank-sweep":
-        return run_rank_sweep(spec)
+    if spec["setup"] in ("rank-sweep", "round-robin"):
+        return run_round_robin(spec)
     return run_train(spec)
 
 

@@ -42,6 +42,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -636,7 +637,7 @@ def main(argv=None):
     report = {
         "meta": {
             "prepare": args.prepare,
-            "command": "python -m lora3.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m lora3.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "args": vars(args),
             "machine": machine_info(),
             "started_unix": started,

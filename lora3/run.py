@@ -73,6 +73,8 @@ def preflight(plain: Mapping[str, Any], job: Mapping[str, Any] | None = None) ->
                "data": data_mod.unreachable(plain.get("data") or {})}
     if not any(missing.values()):
         return
+    if missing["model"] and (plain.get("model") or {}).get("gguf") and not (plain.get("model") or {}).get("preset"):
+        raise OfflineError(f"cannot load {missing['model']}")
     fixes = []
     if missing["model"]:
         fixes.append("model.preset=<dir> (a local keras-hub preset directory, as written by "
@@ -168,6 +170,16 @@ def _targets(v):
     return ok, "a role, group or regex (e.g. qv, attention, all_linear) or a list of them"
 
 
+def _prompt_template(v):
+    ok = isinstance(v, str) and ("{source}" in v or "{input}" in v)
+    if ok:
+        try:
+            v.format(source="", input="")
+        except (KeyError, IndexError, ValueError):
+            ok = False
+    return ok, 'a string with a {source} (or {input}) slot and no other {...} field, e.g. "Translate German to English: {source}\nEnglish:"'
+
+
 def _step_list(v):
     ok = isinstance(v, (list, tuple)) and all(_is_int(s) and s > 0 for s in v)
     return ok, "a list of optimizer steps (positive integers), e.g. [3] or []"
@@ -216,6 +228,9 @@ CHECKS = [
     ("model.name", _nonempty_str),
     ("model.family", _one_of("t5", "gemma", "gemma3")),
     ("model.preset", _optional(_nonempty_str)),
+    ("model.gguf", _optional(_nonempty_str)),
+    ("model.prompt_template", _optional(_prompt_template)),
+    ("model.completion_prefix", _optional(lambda v: (isinstance(v, str), "a string"))),
     ("data.source", _one_of("synthetic", "files", "jsonl", "wmt16")),
     ("data.direction", _one_of("de-en", "en-de")),
     ("data.prefix", lambda v: (isinstance(v, str), 'a string ("auto" for the T5 prefix, "" for none)')),
@@ -585,12 +600,12 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
     train_arrays = val_arrays = None
     if mode != "none":
         *train_arrays, tstats = bundle.encode(data.inputs("train"), data.targets("train"), src_len, tgt_len,
-                                              overlong=overlong, what="train")
+                                              overlong=overlong, what="train", sources=data.sources("train"))
         train_arrays = tuple(train_arrays)
     n_loss = ev_cfg.get("loss_samples") or len(data.valid)
     *val_arrays, vstats = bundle.encode(data.inputs("valid")[:n_loss], data.targets("valid")[:n_loss],
                                         src_len, tgt_len, overlong="error" if overlong == "error" else "truncate",
-                                        what="validation")
+                                        what="validation", sources=data.sources("valid")[:n_loss])
     val_arrays = tuple(val_arrays)
     n_bleu = min(ev_cfg["num_samples"], len(data.valid))
     subset = dict(sources=data.sources("valid")[:n_bleu], inputs=data.inputs("valid")[:n_bleu],
@@ -610,7 +625,8 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
     if data.test:  # data.test_split (WMT16: newstest2016): scored before and after training, never for selection
         n_tloss = ev_cfg.get("loss_samples") or len(data.test)
         *test_arrays, _ = bundle.encode(data.inputs("test")[:n_tloss], data.targets("test")[:n_tloss], src_len,
-                                        tgt_len, overlong="error" if overlong == "error" else "truncate", what="test")
+                                        tgt_len, overlong="error" if overlong == "error" else "truncate", what="test",
+                                        sources=data.sources("test")[:n_tloss])
         n_test = min(ev_cfg["num_samples"], len(data.test))
         test_subset = dict(sources=data.sources("test")[:n_test], inputs=data.inputs("test")[:n_test],
                            references=data.targets("test")[:n_test])

@@ -95,13 +95,17 @@ def compile_model(bundle, trainer: Mapping[str, Any], max_steps: int):
         global_clipnorm=None if trainer.get("grad_clip") in (None, 0) else float(trainer["grad_clip"]),
     )
     optimizer.exclude_from_weight_decay(var_names=["layer_norm", "layernorm", "bias", "norm"])
-    bundle.model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        sampler="greedy",
-        jit_compile=bool(trainer.get("jit_compile", True)),
-    )
+    # The loss is the mean cross-entropy over the tokens it uses: Keras' default reduction
+    # (`sum_over_batch_size`) divides the weighted sum by every position, padding and prompt included.
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    jit = bool(trainer.get("jit_compile", True))
+    if bundle.fit_model is bundle.model:
+        bundle.model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics, sampler="greedy",
+                             jit_compile=jit)
+    else:  # decoder-only: fit on the completion-logits view; generate with the task model
+        bundle.fit_model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics, jit_compile=jit)
+        bundle.model.compile(sampler="greedy", jit_compile=jit)
     return optimizer
 
 
@@ -347,7 +351,7 @@ def train(
     `evaluate_fn(step)` returns a dict of `val/*` metrics (and optionally `samples`).
     Returns {"history": [...], "best": {...}, "last": {...}, "perf": {...}, "resumed_from": step|None}.
     """
-    model = bundle.model
+    model = bundle.fit_model  # decoder-only: the completion-logits view (same variables)
     out_dir = Path(out_dir)
     n = len(train_arrays[1])
     batch_size = int(trainer["batch_size"])
@@ -405,15 +409,17 @@ def train(
                             skip_nonfinite=skip_nonfinite, skipped_before=skipped_total)
         if verbose:
             print(f"[lora3] steps {step + 1}-{end} of {max_steps}", flush=True)
-        preprocessor = model.preprocessor
-        model.preprocessor = None  # arrays are already tokenised and packed
+        preprocessor = getattr(model, "preprocessor", None)
+        if preprocessor is not None:
+            model.preprocessor = None  # arrays are already tokenised and packed
         t0 = time.perf_counter()
         try:
             model.fit(x=x, y=y, sample_weight=sw, batch_size=fit_batch, shuffle=False,
                       epochs=period + 1, initial_epoch=period, verbose=verbose,
                       callbacks=[logger, *callbacks])
         finally:
-            model.preprocessor = preprocessor
+            if preprocessor is not None:
+                model.preprocessor = preprocessor
         dt = time.perf_counter() - t0
         if logger.nonfinite_step is not None:
             last = list_checkpoints(out_dir)

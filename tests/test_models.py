@@ -71,15 +71,46 @@ def test_gemma_tiny_loss_only_on_completion(data, lora3_cache):
     g = models.build(GEMMA_TINY, data.tokenizer_texts(), seed=0, cache_dir=lora3_cache)
     assert g.kind == "causal"
     x, y, sw, _ = g.encode(["ab"], ["cd"], 8, 8)
-    ids, mask = x["token_ids"][0], x["padding_mask"][0]
-    prompt = [t for t in g.tokenizer(["ab\n"]).tolist()[0]] if hasattr(g.tokenizer(["ab\n"]), "tolist") \
-        else list(np.asarray(g.tokenizer(["ab\n"]))[0])
+    ids, mask, pos = x["token_ids"][0], x["padding_mask"][0], x["loss_positions"][0]
+    prompt = [int(t) for t in g.tokenizer(["ab\n"])[0]]
+    completion = [int(t) for t in g.tokenizer(["cd"])[0]]
     assert ids[0] == g.tokenizer.start_token_id
-    n_prompt = len(prompt)
-    # positions predicting prompt tokens carry no weight; the completion and its <eos> do
-    assert sw[0, :n_prompt].sum() == 0 and sw[0, n_prompt:].sum() >= 2
-    assert y[0, int(np.flatnonzero(sw[0])[-1])] == g.tokenizer.end_token_id
-    assert mask.sum() == 1 + n_prompt + sw[0].sum()  # <bos>, prompt, completion + <eos>
+    assert list(ids[1:1 + len(prompt)]) == prompt
+    n = int(sw[0].sum())
+    # the loss sees the completion and its <eos>, predicted from the positions just before each
+    assert n == len(completion) + 1 and sw[0, n:].sum() == 0
+    assert list(y[0, :n]) == completion + [g.tokenizer.end_token_id]
+    assert list(pos[:n]) == list(range(len(prompt), len(prompt) + n))
+    assert list(ids[pos[1:n]]) == completion  # position p holds the token that precedes label p
+    assert mask.sum() == 1 + len(prompt) + len(completion)  # <bos>, prompt, completion (<eos> is a label only)
+    assert x["token_ids"].shape == (1, 17) and y.shape == sw.shape == x["loss_positions"].shape == (1, 8)
+
+
+def test_completion_logits_equal_the_full_model_at_the_loss_positions(data, lora3_cache):
+    """CompletionLM's gathered logits are the task model's own logits at those positions, and the
+    compiled loss is the mean cross-entropy over the weighted tokens (a numpy reference)."""
+    import keras
+
+    from lora3 import train as tr
+
+    g = models.build(GEMMA_TINY, data.tokenizer_texts(), seed=0, cache_dir=lora3_cache)
+    x, y, sw, _ = g.encode(data.inputs("train")[:4], data.targets("train")[:4], 24, 16)
+    full = keras.ops.convert_to_numpy(g.model({"token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}))
+    picked = keras.ops.convert_to_numpy(g.fit_model(x))
+    ref = np.take_along_axis(full, x["loss_positions"][..., None], axis=1)
+    np.testing.assert_allclose(picked, ref, rtol=1e-5, atol=1e-5)
+    tr.compile_model(g, {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "min_lr_ratio": 0.0,
+                         "weight_decay": 0.0, "grad_clip": None}, 1)
+    logp = ref - ref.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+    expected = float((ce * sw).sum() / sw.sum())
+    from lora3 import evaluate as ev
+
+    got = ev.loss_and_accuracy(g.fit_model, x, y, sw, batch_size=3)  # uneven batches: token-weighted
+    assert got["loss"] == pytest.approx(expected, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(np.exp(expected), rel=1e-5)
+    assert got["tokens"] == sw.sum()
 
 
 def test_local_preset_dir_round_trip(t5, tmp_path, data, lora3_cache):

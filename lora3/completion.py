@@ -26,16 +26,15 @@ class CompletionLM(keras.Model):
 
     Example:
 
-    ```python
-    import numpy as np, keras_hub
-    lm = keras_hub.models.GemmaCausalLM(backbone=keras_hub.models.GemmaBackbone(
-        vocabulary_size=50, num_layers=1, num_query_heads=2, num_key_value_heads=1,
-        hidden_dim=16, intermediate_dim=32, head_dim=8))
-    view = CompletionLM(lm)
-    x = {"token_ids": np.ones((2, 6), "int32"), "padding_mask": np.ones((2, 6), "int32"),
-         "loss_positions": np.array([[3, 4], [4, 5]], "int32")}
-    print(tuple(view(x).shape))   # (2, 2, 50)
-    ```
+    >>> import numpy as np, keras_hub
+    >>> lm = keras_hub.models.GemmaCausalLM(backbone=keras_hub.models.GemmaBackbone(
+    ...     vocabulary_size=50, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+    ...     hidden_dim=16, intermediate_dim=32, head_dim=8))
+    >>> view = CompletionLM(lm)
+    >>> x = {"token_ids": np.ones((2, 6), "int32"), "padding_mask": np.ones((2, 6), "int32"),
+    ...      "loss_positions": np.array([[3, 4], [4, 5]], "int32")}
+    >>> tuple(int(d) for d in view(x).shape)
+    (2, 2, 50)
     """
 
     def __init__(self, causal_lm, **kwargs):

@@ -225,6 +225,7 @@ CHECKS = [
     ("eval.max_length", _optional(_positive_int)),
     ("eval.before", _bool),
     ("eval.loss_samples", _optional(_positive_int)),
+    ("eval.adapter", _optional(_nonempty_str)),
     ("model.name", _nonempty_str),
     ("model.family", _one_of("t5", "gemma", "gemma3")),
     ("model.preset", _optional(_nonempty_str)),
@@ -296,6 +297,10 @@ def validate(cfg) -> dict:
     if isinstance(trainer_cfg, Mapping) and trainer_cfg.get("max_steps") is None and trainer_cfg.get("epochs") is None:
         problems.append("trainer.max_steps and trainer.epochs are both null: set one of them "
                         "(trainer.epochs=3 derives the steps from the training set size and trainer.batch_size)")
+    ev_plain = plain.get("eval") if isinstance(plain.get("eval"), Mapping) else {}
+    if ev_plain.get("adapter") and (plain.get("lora") or {}).get("mode") != "none":
+        problems.append(f"eval.adapter={ev_plain['adapter']!r} evaluates a saved adapter without training: "
+                        "use it with lora=none (python -m lora3.run lora=none eval.adapter=<dir>)")
     if problems:
         raise AppConfigError("invalid config: " + "; ".join(problems))
     lora_cfg = plain.get("lora", {})
@@ -578,7 +583,17 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
     # 6. LoRA surgery (or full fine-tuning / frozen base)
     import lora3
 
-    if mode == "lora":
+    adapter_dir = ev_cfg.get("adapter")
+    if adapter_dir:
+        # evaluation of a saved adapter alone (lora=none eval.adapter=<dir>): its surgery replayed, frozen
+        from lora3.data import resolve_path
+
+        report = lora3.load_adapter(model, resolve_path(adapter_dir, what="eval.adapter"), trainable=False)
+        print(report.table(max_rows=4), flush=True)
+        total = int(sum(math.prod(v.shape) for v in model.weights))
+        params = {"trainable": 0, "total": total, "trainable_percent": 0.0, "lora": report.lora_params,
+                  "adapted_layers": len(report.rows), "adapter": str(adapter_dir)}
+    elif mode == "lora":
         report = lora3.apply_lora(model, lora_config(lora_cfg))
         params = {"trainable": report.trainable_params, "total": report.total_params,
                   "trainable_percent": report.percent, "lora": report.lora_params,
@@ -586,7 +601,7 @@ def _train_and_evaluate(plain, data, out, tracker, keras, callbacks, job, t_star
         print(report.table(max_rows=12) if hasattr(report, "table") else str(report), flush=True)
         if hasattr(report, "table"):
             _atomic_write_text(out / "lora_report.txt", report.table() + "\n")
-    else:
+    if not adapter_dir and mode != "lora":
         model.trainable = mode == "full"
         total = int(sum(math.prod(v.shape) for v in model.weights))
         trainable = int(sum(math.prod(v.shape) for v in model.trainable_weights))
@@ -795,9 +810,10 @@ def _print_summary(m: dict, out: Path):
                          f"frozen base BLEU {b['val/bleu']:.2f} | {tag} BLEU {f['val/bleu']:.2f} "
                          f"with {m['params']['trainable_percent']:.2f}% of the params trainable")
     if f.get("train/loss") is not None:
-        lines.append(f"  train loss    {f['train/loss']:.4f} (mean over the last eval period)")
+        lines.append(f"  train loss    {f['train/loss']:.4f} (per-token cross-entropy, mean over the last eval period)")
     if "val/loss" in f:
-        lines.append(f"  val loss      {b.get('val/loss', float('nan')):.4f} -> {f['val/loss']:.4f}")
+        lines.append(f"  val loss      {b.get('val/loss', float('nan')):.4f} -> {f['val/loss']:.4f} per token "
+                     f"(perplexity {b.get('val/perplexity', float('nan')):.2f} -> {f.get('val/perplexity', float('nan')):.2f})")
     if "val/bleu" in f:
         lines.append(f"  val BLEU      {b.get('val/bleu', float('nan')):.2f} -> {f['val/bleu']:.2f} "
                      f"(best {m['best'].get('val/bleu', f['val/bleu']):.2f})")
@@ -807,6 +823,8 @@ def _print_summary(m: dict, out: Path):
         lines.append(f"  test chrF     {b.get('test/chrf', float('nan')):.2f} -> {f['test/chrf']:.2f}")
     if m["perf"].get("tokens_per_s"):
         lines.append(f"  speed         {m['perf']['tokens_per_s']:,.0f} tokens/s")
+    if f.get("val/sentences_per_s"):
+        lines.append(f"  generation    {f['val/sentences_per_s']:.2f} sentences/s (greedy, batch of the eval)")
     for key in ("adapter", "model"):
         if key in m["outputs"]:
             lines.append(f"  {key:<13} {m['outputs'][key]}")

@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["lora3.layers.dense", "lora3.layers.einsum", "lora3.config", "lora3.surgery", "lora3.adapters", "lora3.saving"]
+MODULES = ["lora3.layers.dense", "lora3.layers.einsum", "lora3.config", "lora3.surgery", "lora3.adapters", "lora3.saving",
+           "lora3.completion"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -76,6 +76,20 @@ def test_lora_full_and_none_baselines(compose, tmp_path, backend_name, lora3_cac
     assert none["final"]["val/bleu"] == none["before"]["val/bleu"]
 
 
+@pytest.mark.slow
+def test_eval_adapter_alone_reproduces_the_trained_runs_scores(compose, tmp_path, backend_name, lora3_cache):
+    """`lora=none eval.adapter=<dir>`: a saved adapter scored without training gives the scores the
+    run that trained it reported (same validation subset, greedy)."""
+    trained = run_job(compose(smoke(backend_name, lora3_cache, "rank=4")), tmp_path / "t")
+    scored = run_job(compose(smoke(backend_name, lora3_cache, "lora=none", f"eval.adapter={tmp_path / 't' / 'adapter'}")),
+                     tmp_path / "e")
+    assert scored["params"]["trainable"] == 0 and scored["params"]["adapted_layers"] > 0 and scored["history"] == []
+    assert scored["final"]["val/bleu"] == pytest.approx(trained["final"]["val/bleu"], abs=1e-6)
+    assert scored["final"]["val/loss"] == pytest.approx(trained["final"]["val/loss"], rel=1e-5)
+    with pytest.raises(AppConfigError, match="use it with lora=none"):
+        validate(compose(smoke(backend_name, lora3_cache, f"eval.adapter={tmp_path}")))
+
+
 def test_finished_run_dir_is_not_overwritten(compose, tmp_path, backend_name):
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(AppConfigError, match="already holds a finished run"):

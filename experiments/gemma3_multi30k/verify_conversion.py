@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--logit-prompts", type=int, default=8)
     ap.add_argument("--generate-prompts", type=int, default=20)
-    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--max-length", type=int, default=96, help="prompt + completion tokens in generation")
     args = ap.parse_args()
 
     import keras
@@ -99,10 +99,13 @@ def main():
     gen_prompts = [TEMPLATE.format(source=r["de"]) for r in rows[: args.generate_prompts]]
     pairs = []
     for p in gen_prompts:  # one max_length for all prompts: generate compiles once
-        out = causal.generate([p], max_length=96, stop_token_ids=stops, strip_prompt=True)[0]
+        out = causal.generate([p], max_length=args.max_length, stop_token_ids=stops, strip_prompt=True)[0]
         ours_text = (out.decode() if isinstance(out, bytes) else str(out)).split("\n")[0].strip()
         x = hf_tok(p, return_tensors="pt")
-        g = hf.generate(**x, max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=stops)
+        # the same total length as keras-hub's max_length (BOS + prompt + completion), so a completion
+        # that never stops is cut at the same token by both
+        g = hf.generate(**x, max_new_tokens=args.max_length - x["input_ids"].shape[1], do_sample=False,
+                        eos_token_id=stops)
         theirs_text = hf_tok.decode(g[0, x["input_ids"].shape[1]:], skip_special_tokens=True).split("\n")[0].strip()
         pairs.append({"prompt": p, "keras_hub": ours_text, "transformers": theirs_text, "same": ours_text == theirs_text})
     result["generation"] = {"prompts": len(pairs), "same": sum(p["same"] for p in pairs), "pairs": pairs}

@@ -274,7 +274,7 @@ def _pack_causal(src, tgt, src_len, tgt_len, pad, bos, eos):
         seq = [bos] + s + t
         ids[i, : len(seq) - 1] = seq[:-1]  # the last token (<eos>) is only ever a label
         mask[i, : len(seq) - 1] = 1
-        # position p predicts seq[p + 1]: the completion's tokens are predicted from 1+len(s)-1 on
+        # position p predicts seq[p + 1]: the first completion token (index 1 + len(s)) is predicted at len(s)
         first = len(s)
         positions[i, : len(t)] = np.arange(first, first + len(t))
         y[i, : len(t)] = t

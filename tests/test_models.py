@@ -130,3 +130,30 @@ def test_missing_local_dir_and_offline_preset_fail_clearly():
     with pytest.raises(models.ModelError, match=r"model\.preset=<local dir>"):
         models.load_preset("flan_small_multi", "t5")
     assert time.time() - t < 20
+
+
+def _numpy_token_ce(logits, y, sw):
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+    return float((ce * sw).sum() / sw.sum())
+
+
+def test_seq2seq_loss_is_the_per_token_mean_whatever_the_padding(t5, data):
+    """With two max_target_length settings (more padding), the reported loss stays the numpy
+    per-token cross-entropy of the same tokens: Keras' default reduction would divide by padding too."""
+    from lora3 import evaluate as ev
+    from lora3 import train as tr
+
+    tr.compile_model(t5, {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "min_lr_ratio": 0.0,
+                          "weight_decay": 0.0, "grad_clip": None}, 1)
+    src, tgt = data.inputs("train")[:5], data.targets("train")[:5]
+    got = []
+    for tgt_len in (64, 96):
+        x, y, sw, stats = t5.encode(src, tgt, 96, tgt_len)
+        assert stats["truncated"] == 0  # the same tokens, only more padding
+        expected = _numpy_token_ce(keras.ops.convert_to_numpy(t5.model(x)).astype("float64"), y, sw)
+        res = ev.loss_and_accuracy(t5.model, x, y, sw, batch_size=2)
+        assert res["loss"] == pytest.approx(expected, rel=1e-5)
+        got.append(res["loss"])
+    assert got[0] == pytest.approx(got[1], rel=1e-5)

@@ -35,34 +35,23 @@ def score_translations(hypotheses: list[str], references: list[str]) -> dict:
 def loss_and_accuracy(model, x, y, sw, batch_size: int) -> dict:
     """Teacher-forced mean cross-entropy per weighted token, its perplexity, and token accuracy.
 
-    Each batch's loss is already the mean over its weighted tokens (the compiled loss reduces
-    with `mean_with_sample_weight`); batches are combined by their token weight, so the result
-    is the mean over every token the loss uses, whatever the padding or the batch split.
+    The loss is the compiled `token_loss` metric (`lora3.train.compile_model`): a weighted
+    cross-entropy that Keras accumulates as sum(weight * ce) / sum(weight) over every batch (and
+    every process of a distributed run), so it is the mean over every token the loss uses,
+    whatever the padding or the batch split.
     """
     preprocessor = getattr(model, "preprocessor", None)
     if preprocessor is not None:
         model.preprocessor = None  # arrays are already tokenised and packed
-    total, loss_sum, acc_sum = 0.0, 0.0, 0.0
-    has_acc = None
     try:
-        for start in range(0, len(y), batch_size):
-            w = sw[start:start + batch_size]
-            weight = float(np.sum(w))
-            if weight == 0.0:
-                continue
-            res = model.test_on_batch({k: v[start:start + batch_size] for k, v in x.items()},
-                                      y[start:start + batch_size], sample_weight=w, return_dict=True)
-            acc = next((v for k, v in res.items() if "accuracy" in k), None)
-            has_acc = acc is not None
-            loss_sum += float(res["loss"]) * weight
-            acc_sum += float(acc) * weight if has_acc else 0.0
-            total += weight
+        res = model.evaluate(x=x, y=y, sample_weight=sw, batch_size=batch_size, verbose=0, return_dict=True)
     finally:
         if preprocessor is not None:
             model.preprocessor = preprocessor
-    loss = loss_sum / total if total else float("nan")
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total,
-            "accuracy": acc_sum / total if has_acc and total else None}
+    loss = float(res.get("token_loss", res["loss"]))
+    acc = next((v for k, v in res.items() if "accuracy" in k), None)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": float(np.sum(sw)),
+            "accuracy": None if acc is None else float(acc)}
 
 
 def evaluate(bundle, *, sources: list[str], inputs: list[str], references: list[str],

@@ -98,7 +98,10 @@ def compile_model(bundle, trainer: Mapping[str, Any], max_steps: int):
     # The loss is the mean cross-entropy over the tokens it uses: Keras' default reduction
     # (`sum_over_batch_size`) divides the weighted sum by every position, padding and prompt included.
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
-    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    # `token_loss`: the same cross-entropy as a weighted metric, which Keras accumulates over all
+    # batches as sum(w * ce) / sum(w): the exact per-token mean of an evaluation (lora3.evaluate).
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+               keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="token_loss")]
     jit = bool(trainer.get("jit_compile", True))
     if bundle.fit_model is bundle.model:
         bundle.model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics, sampler="greedy",

@@ -131,7 +131,7 @@ def _targets_str(t):
 
 
 def row_from_wandb(name: str, rec: dict, cfg: dict | None = None) -> dict:
-    """A row from an offline W&B run (`lora3.tracking.read_offline_run`) or an API run's config/summary."""
+    """A row from an offline W&B run (`lora3.run.tracking.read_offline_run`) or an API run's config/summary."""
     c = dict(rec.get("config") or {})
     s = dict(rec.get("summary") or {})
 
@@ -165,7 +165,7 @@ def row_from_wandb(name: str, rec: dict, cfg: dict | None = None) -> dict:
 
 def collect_dirs(roots: list[Path], wandb_files: bool = False) -> list[dict]:
     """One row per run directory under `roots`."""
-    from lora3 import tracking
+    from lora3.run import tracking
 
     rows = []
     for d in find_run_dirs(roots):

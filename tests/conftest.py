@@ -43,7 +43,7 @@ def compose():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from lora3.run import CONF_DIR
+    from lora3.run.cli import CONF_DIR
 
     def make(overrides=()):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

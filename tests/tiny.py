@@ -2,6 +2,7 @@
 
 import functools
 import io
+import json
 import os
 
 import numpy as np
@@ -135,3 +136,50 @@ def randomize_lora(model, seed=0, scale=0.1):
 
 def backend():
     return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def corrupt_adapter(case, adapter):
+    """Damages a saved adapter directory in one of the ways the loader must refuse (`case`)."""
+    from lora3.adapters import CONFIG_NAME, WEIGHTS_NAME
+
+    cfg = adapter / CONFIG_NAME
+    weights = adapter / WEIGHTS_NAME
+    meta = json.loads(cfg.read_text())
+    if case == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    elif case == "altered":
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif case == "garbage":
+        weights.write_bytes(b"not a safetensors file")
+    elif case in ("missing_tensor", "extra_tensor", "wrong_shape"):
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(str(weights))
+        key = sorted(tensors)[0]
+        if case == "missing_tensor":
+            del tensors[key]
+        elif case == "extra_tensor":
+            tensors["../../evil/lora_A"] = np.zeros((2, 2), "float32")
+        else:
+            tensors[key] = np.zeros((3, 3), "float32")
+        save_file(tensors, str(weights))
+        from lora3.adapters import _sha256
+
+        meta["sha256"] = _sha256(weights)  # a consistent file, with the wrong content
+        cfg.write_text(json.dumps(meta))
+    elif case == "missing_field":
+        del meta["base_fingerprint"]
+        cfg.write_text(json.dumps(meta))
+    elif case == "wrong_type":
+        meta["rank"] = "eight"
+        cfg.write_text(json.dumps(meta))
+    elif case == "bad_json":
+        cfg.write_text("{not json")
+    elif case == "dotdot_path":
+        meta["layer_paths"][0] = "../outside/query_projector"
+        cfg.write_text(json.dumps(meta))
+    elif case == "no_config":
+        cfg.unlink()

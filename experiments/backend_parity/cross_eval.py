@@ -28,15 +28,15 @@ def main():
 
     plain = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
     backend_name = os.environ.get("KERAS_BACKEND", "jax")
-    from lora3 import backend as lb
-    from lora3 import data as data_mod
+    from lora3.run import backend as lb
+    from lora3.run import data as data_mod
 
     data = data_mod.load(plain["data"], seed=plain["seed"])
     keras = lb.select(backend_name)
     keras.utils.set_random_seed(plain["seed"])
     import lora3
-    from lora3 import evaluate as ev
-    from lora3 import models, train as tr
+    from lora3.run import evaluate as ev
+    from lora3.run import models, train as tr
 
     t0 = time.perf_counter()
     bundle = models.build(plain["model"], data.tokenizer_texts(), seed=plain["seed"], cache_dir=plain.get("cache_dir"))

@@ -13,15 +13,15 @@ sys.path.insert(0, str(REPO))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from lora3 import pretrain  # noqa: E402
-from lora3.run import CONF_DIR  # noqa: E402
+from lora3.run import pretrain  # noqa: E402
+from lora3.run.cli import CONF_DIR  # noqa: E402
 
 with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
     model = OmegaConf.to_container(compose("config"), resolve=True)["model"]
 path = pretrain.base_dir(model, sys.argv[1] if len(sys.argv) > 1 else None)
 info = pretrain.read_info(path)
 if info is None:
-    sys.exit(f"no base at {path}: build it with `python -m lora3.pretrain`")
+    sys.exit(f"no base at {path}: build it with `python -m lora3.run.pretrain`")
 here = Path(__file__).parent
 shutil.copy(path / pretrain.INFO_FILE, here / pretrain.INFO_FILE)
 

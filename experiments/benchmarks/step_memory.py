@@ -10,8 +10,8 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-from lora3.bench_setups import keras_worker as kw  # noqa: E402
-from lora3.bench_setups.common import MODELS, batch_arrays  # noqa: E402
+from lora3.bench.setups import keras_worker as kw  # noqa: E402
+from lora3.bench.setups.common import MODELS, batch_arrays  # noqa: E402
 
 for setup in sys.argv[1:] or ["full", "frozen-floor", "lora3-all_linear", "keras-all_linear"]:
     spec = dict(model="small", batch=8, enc_len=64, dec_len=32, seed=0, rank=8, alpha=16.0, setup=setup)

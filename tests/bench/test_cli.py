@@ -1,0 +1,179 @@
+"""`python -m lora3.bench` at a tiny size: it runs, exits 0 and writes bench.json with the issue's fields.
+
+No timing assertions here: performance lives in the benchmark (experiments/benchmarks/).
+The bench starts its own worker process per setup and backend, so one invocation (in the JAX pass
+of the suite) covers JAX and TensorFlow; the PEFT setup runs when torch, transformers and peft are
+installed and is reported as skipped otherwise.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BACKEND = "jax"  # rank sweep and inference run on this one; training setups on both
+BACKENDS = ("jax", "tensorflow")
+pytestmark = pytest.mark.one_backend  # the bench picks each worker's backend itself
+
+HAVE_PEFT = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
+
+RECORD_FIELDS = {
+    "name", "backend", "median_step_s", "tokens_per_s", "peak_rss_mb", "trainable_params", "total_params",
+    "ratio_to_full", "x_forward_only", "flops_per_step", "compile_s", "optimizer_variables", "optimizer_bytes",
+    "rss_ratio_to_full", "optimizer_bytes_ratio_to_full", "x_floor", "train_rss_mb", "train_rss_ratio_to_full",
+}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    args = [
+        "--model", "tiny", "--batch", "2", "--enc-len", "8", "--dec-len", "4",
+        "--repeats", "1", "--warmup", "1", "--steps", "1",
+        "--setups", "full,lora3-all_linear,peft-all_linear",
+        "--rank", "4", "--ranks", "2,4", "--rank-targets", "qv,all_linear", "--rank-backends", BACKEND,
+        "--round-robin", "full,frozen-floor,lora3-all_linear",
+        "--backends", ",".join(BACKENDS), "--inference-backends", BACKEND,
+        "--inference-targets", "all_linear", "--inference-rounds", "1", "--generate-rounds", "1", "--generate-variants", "base",
+        "--prepare", "2", "--out", str(out),
+    ]
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    proc = subprocess.run([sys.executable, "-m", "lora3.bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_exits_zero_and_prints_tables(bench):
+    proc, _ = bench
+    assert "training step" in proc.stdout
+    assert "rank scaling" in proc.stdout
+    assert "inference" in proc.stdout
+    assert "targets (issue 4)" in proc.stdout
+
+
+def test_timed_steps_never_overlap_another_process_at_work(bench):
+    """With --prepare 2, two processes import/build/compile at once, but while one times its steps
+    every other live process waits at its gate (or has exited)."""
+    _, report = bench
+    assert report["meta"]["prepare"] == 2
+    runs = [r for r in report["raw"] if "timed_start_unix" in r]
+    assert len(runs) >= 4
+    for r in runs:
+        assert r["started_unix"] <= r["ready_unix"] <= r["timed_start_unix"] <= r["timed_end_unix"]
+    for x in runs:
+        for y in runs:
+            if x is y:
+                continue
+            # y's untimed work [started, ready] must not intersect x's timed window.
+            busy_during_timing = y["started_unix"] < x["timed_end_unix"] and x["timed_start_unix"] < y["ready_unix"]
+            assert not busy_during_timing, (x["setup"], x["backend"], y["setup"], y["backend"])
+            # and two timed windows never overlap
+            assert x["timed_end_unix"] <= y["timed_start_unix"] or y["timed_end_unix"] <= x["timed_start_unix"]
+    # the gate did let two processes prepare at once at least once
+    assert any(y["started_unix"] < x["ready_unix"] and x["started_unix"] < y["ready_unix"]
+               for x in runs for y in runs if x is not y)
+
+
+def test_records_have_the_issue_fields(bench):
+    _, report = bench
+    names = {(r["name"], r["backend"]) for r in report["records"]}
+    for backend in BACKENDS:
+        assert ("full", backend) in names and ("lora3-all_linear", backend) in names
+    for r in report["records"]:
+        assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+        assert r["median_step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["optimizer_variables"] > 0 and r["optimizer_bytes"] > 0
+        assert 0 < r["train_rss_mb"] < r["peak_rss_mb"]
+    recs = {(r["name"], r["backend"]): r for r in report["records"]}
+    for backend in BACKENDS:
+        full, lora = recs[("full", backend)], recs[("lora3-all_linear", backend)]
+        assert full["ratio_to_full"] == pytest.approx(1.0)
+        assert lora["trainable_params"] < full["trainable_params"] == full["total_params"]
+        assert lora["optimizer_bytes"] < full["optimizer_bytes"]
+        assert lora["rank"] == 4 and lora["adapted_layers"] > 0
+        assert "ratio_to_keras" in lora and "ratio_to_peft" in lora
+        if backend == "jax":  # XLA cost analysis
+            assert full["flops_per_step"] > lora["flops_per_step"] > 0
+
+
+def test_peft_record_or_skip_note(bench):
+    _, report = bench
+    recs = {(r["name"], r["backend"]): r for r in report["records"]}
+    if HAVE_PEFT:
+        peft = recs[("peft-all_linear", "torch")]
+        lora = recs[("lora3-all_linear", BACKEND)]
+        # Same model, same adapted layers: same parameter counts as lora3's.
+        assert peft["trainable_params"] == lora["trainable_params"]
+        assert peft["total_params"] == lora["total_params"]
+        assert lora["ratio_to_peft"] > 0
+    else:
+        assert any(s["name"] == "peft-all_linear" for s in report["skipped"])
+
+
+def test_rank_scaling_inference_targets_meta(bench):
+    _, report = bench
+    sweep = {(r["targets"], r["rank"]): r for r in report["rank_scaling"] if r["backend"] == BACKEND}
+    # every rank on every target set, timed round-robin in one process
+    assert sorted(sweep) == [("all_linear", 2), ("all_linear", 4), ("qv", 2), ("qv", 4)]
+    sweeps = [r for r in report["raw"] if r["setup"] == "rank-sweep"]
+    assert len(sweeps) == 1 and [len(p["step_times_s"]) for p in sweeps[0]["points"]] == [1] * 4
+    for targets in ("qv", "all_linear"):
+        r2, r4 = sweep[targets, 2], sweep[targets, 4]
+        assert r4["ratio_to_r4"] == pytest.approx(1.0) and r4["flops_ratio_to_r4"] == pytest.approx(1.0)
+        assert r2["trainable_params"] * 2 == r4["trainable_params"]
+        assert r2["flops_per_step"] < r4["flops_per_step"]  # XLA counted the rank-r products
+    assert sweep["qv", 4]["trainable_params"] < sweep["all_linear", 4]["trainable_params"]
+    assert sweep["qv", 4]["flops_per_step"] < sweep["all_linear", 4]["flops_per_step"]
+    variants = {v["variant"]: v for v in report["inference"]}
+    assert set(variants) == {"base", "all_linear-unmerged", "all_linear-merged"}
+    assert variants["base"]["forward_ratio_to_base"] == pytest.approx(1.0)
+    for v in variants.values():
+        assert v["median_forward_s"] > 0
+    assert variants["base"]["generate_tokens_per_s"] > 0
+    # Merging changes no result beyond float rounding.
+    assert variants["all_linear-merged"]["max_abs_diff_vs_unmerged"] < 1e-3
+    assert all({"target", "value", "limit", "ok"} <= set(t) for t in report["targets"])
+    machine = report["meta"]["machine"]
+    assert machine["nproc"] >= 1 and machine["versions"]["keras"]
+    assert report["failures"] == [] and report["meta"]["wall_s"] > 0
+
+
+def test_round_robin_times_the_chosen_setups_side_by_side(bench):
+    """--round-robin: one process per backend times the chosen setups in turn; ratios within it."""
+    _, report = bench
+    raw = [r for r in report["raw"] if r["setup"] == "round-robin"]
+    assert sorted(r["backend"] for r in raw) == sorted(BACKENDS)  # one process per backend
+    for r in raw:
+        assert [(p["setup"], len(p["step_times_s"])) for p in r["points"]] == [
+            ("full", 1), ("frozen-floor", 1), ("lora3-all_linear", 1)]
+    rr = {(r["name"], r["backend"]): r for r in report["round_robin"]}
+    for backend in BACKENDS:
+        full, lora = rr["full", backend], rr["lora3-all_linear", backend]
+        assert full["ratio_to_full"] == pytest.approx(1.0)
+        assert lora["ratio_to_full"] == pytest.approx(lora["median_step_s"] / full["median_step_s"])
+        assert lora["trainable_params"] < full["trainable_params"]
+        assert rr["frozen-floor", backend]["x_floor"] == pytest.approx(1.0)
+        labels = {t["target"] for t in report["targets"]}
+        assert f"{backend}: all_linear step / full step (one process)" in labels
+
+
+def test_frozen_floor_trains_one_norm_per_stack():
+    """The floor setup: every weight frozen but the first norm scale of the encoder and the decoder,
+    so its step runs the whole input-gradient backward and (almost) no weight gradient."""
+    os.environ.setdefault("KERAS_BACKEND", BACKEND)
+    from lora3.bench.setups import keras_worker
+
+    spec = {"model": "tiny", "seed": 0, "setup": "frozen-floor"}
+    model = keras_worker.build_model(spec)
+    assert keras_worker.prepare(spec, model) == 0
+    trainable = sorted(v.path for v in model.trainable_weights)
+    assert len(trainable) == 2, trainable
+    assert trainable[0].startswith("transformer_decoder_layer_0/") and "layer_norm" in trainable[0]
+    assert trainable[1].startswith("transformer_encoder_layer_0/") and "layer_norm" in trainable[1]

@@ -1,20 +1,35 @@
-"""`LoraConfig`: what to adapt and how. Plain Python, no keras import."""
+"""`LoraConfig`: what to adapt and how. Plain Python, no keras import.
+
+`LoraConfig` is also the `lora` node of the app's typed config (`lora3.run.schema`): its field
+types are ones OmegaConf can check (`Any` where a value may be a string or a list), and
+`__post_init__` is the one place where rank, alpha and dropout are checked
+(`check_scale`, which the layers call too).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Union
+from typing import Any
 
 from lora3.errors import LoraConfigError
 
 INITS = ("kaiming", "gaussian")
 
-Targets = Union[str, Sequence[str]]
-Layers = Union[None, int, str, Sequence[Union[int, str]]]
 
 
-@dataclasses.dataclass(frozen=True)
+def check_scale(rank, alpha, dropout) -> None:
+    """Raises `LoraConfigError` unless rank is a positive int, alpha a positive finite number and
+    dropout a number in [0, 1): the checks `LoraConfig` and every LoRA layer share."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise LoraConfigError(f"rank must be a positive integer, got rank={rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise LoraConfigError(f"alpha must be a positive number, got alpha={alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise LoraConfigError(f"dropout must be a number in [0, 1), got dropout={dropout!r}")
+
+
+@dataclasses.dataclass
 class LoraConfig:
     """LoRA hyper-parameters and the choice of layers to adapt.
 
@@ -43,24 +58,15 @@ class LoraConfig:
 
     rank: int = 8
     alpha: float = 16.0
-    targets: Targets = "qv"
+    targets: Any = "qv"          # str or list of str
     dropout: float = 0.0
     rslora: bool = False
     init: str = "kaiming"
-    layers: Layers = None
-    train_also: Sequence[str] = ()
+    layers: Any = None           # None, int, str or list of them
+    train_also: Any = ()         # str or list of str
 
     def __post_init__(self):
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int):
-            raise LoraConfigError(f"rank must be a positive integer, got rank={self.rank!r}")
-        if self.rank <= 0:
-            raise LoraConfigError(f"rank must be a positive integer, got rank={self.rank}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise LoraConfigError(f"alpha must be a positive number, got alpha={self.alpha!r}")
-        if self.alpha <= 0:
-            raise LoraConfigError(f"alpha must be a positive number, got alpha={self.alpha}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise LoraConfigError(f"dropout must be a number in [0, 1), got dropout={self.dropout!r}")
+        check_scale(self.rank, self.alpha, self.dropout)
         if not isinstance(self.rslora, bool):
             raise LoraConfigError(f"rslora must be true or false, got rslora={self.rslora!r}")
         if self.init not in INITS:

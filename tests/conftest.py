@@ -41,12 +41,11 @@ def run_cli():
 def compose():
     """Composes the app's config through Hydra's compose API: compose(["rank=4", ...])."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
-    from lora3.run.cli import CONF_DIR
 
     def make(overrides=()):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with initialize_config_module(config_module="lora3.run.conf", version_base="1.3"):
             return hydra_compose("config", overrides=list(overrides))
 
     return make

@@ -10,13 +10,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from lora3.run import pretrain  # noqa: E402
-from lora3.run.cli import CONF_DIR  # noqa: E402
 
-with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+with initialize_config_module(config_module="lora3.run.conf", version_base="1.3"):
     model = OmegaConf.to_container(compose("config"), resolve=True)["model"]
 path = pretrain.base_dir(model, sys.argv[1] if len(sys.argv) > 1 else None)
 info = pretrain.read_info(path)

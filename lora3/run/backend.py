@@ -64,6 +64,21 @@ def select(backend: str):
     return keras
 
 
+def start(plain) -> object:
+    """The job's keras: `select(backend)`, a clean session (a multirun reuses the process), the dtype
+    policy (`trainer.precision`), the seed, and `keras.distribution` (set before the model is built)."""
+    from lora3.run import distribution as dist_mod
+
+    keras = select(plain["backend"])
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy(plain["trainer"]["precision"])
+    keras.utils.set_random_seed(plain["seed"])
+    dist = dist_mod.setup(plain.get("distribution"), plain["model"]["family"], keras)
+    if dist.mode != "none":
+        print(f"[lora3] {dist.describe()}", flush=True)
+    return keras
+
+
 def versions() -> dict:
     """Versions of lora3, keras, keras-hub, the backend library and Python."""
     import platform

@@ -20,7 +20,7 @@ multi-process runs call `keras.distribution.initialize`. This module is the app'
 
 On TensorFlow, Keras 3.15's `keras.distribution` has no DataParallel/ModelParallel trainer
 support, and lora3 does not wrap `tf.distribute`: `distribution=data_parallel|model_parallel`
-with `backend=tensorflow` fails at once, saying that they need `backend=jax` (`check_backend`).
+with `backend=tensorflow` is refused by the config's schema (`lora3.run.schema`), which says so.
 """
 
 from __future__ import annotations
@@ -33,10 +33,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lora3.sharding import BATCH_AXIS, MODEL_AXIS, ON_INDIVISIBLE, DistributionError, model_parallel_class
+from lora3.sharding import BATCH_AXIS, MODEL_AXIS, DistributionError, model_parallel_class
 
-MODES = ("none", "data_parallel", "model_parallel")
-UNEVEN = ("pad", "error")
 
 
 # ---------------------------------------------------------------- config
@@ -46,53 +44,6 @@ def _get(cfg: Mapping[str, Any] | None, key, default=None):
         return default
     v = cfg.get(key, default)
     return default if v is None else v
-
-
-def validate_config(plain: Mapping[str, Any]) -> None:
-    """Checks `distribution.*` (no keras needed); raises DistributionError naming the key."""
-    d = plain.get("distribution") or {}
-    mode = _get(d, "mode", "none")
-    problems = []
-    if mode not in MODES:
-        problems.append(f"distribution.mode={mode!r} is not valid: it must be one of {', '.join(MODES)}")
-    for key in ("num_processes",):
-        v = _get(d, key, 1)
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            problems.append(f"distribution.{key}={v!r} is not valid: it must be a positive integer")
-    pid, n = _get(d, "process_id", 0), _get(d, "num_processes", 1)
-    if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 <= pid < max(1, n if isinstance(n, int) else 1)):
-        problems.append(f"distribution.process_id={pid!r} is not valid: it must be in [0, num_processes={n})")
-    if _get(d, "uneven_batch", "pad") not in UNEVEN:
-        problems.append(f"distribution.uneven_batch={d.get('uneven_batch')!r} is not valid: one of {', '.join(UNEVEN)}")
-    if _get(d, "on_indivisible", "replicate") not in ON_INDIVISIBLE:
-        problems.append(f"distribution.on_indivisible={d.get('on_indivisible')!r} is not valid: "
-                        f"one of {', '.join(ON_INDIVISIBLE)}")
-    ms = _get(d, "model_size", 1)
-    if not (isinstance(ms, int) and not isinstance(ms, bool) and ms >= 1):
-        problems.append(f"distribution.model_size={ms!r} is not valid: it must be a positive integer")
-    shape = d.get("mesh_shape")
-    if shape is not None and not (isinstance(shape, (list, tuple)) and len(shape) == 2
-                                  and all(isinstance(s, int) and s >= 1 for s in shape)):
-        problems.append(f"distribution.mesh_shape={shape!r} is not valid: it must be [batch, model] "
-                        "(two positive integers) or null")
-    if n != 1 and isinstance(n, int) and mode == "none":
-        problems.append("distribution.num_processes > 1 needs distribution=data_parallel or model_parallel")
-    if isinstance(n, int) and n > 1 and not _get(d, "coordinator", None):
-        problems.append("distribution.num_processes > 1 needs distribution.coordinator=<host:port of process 0>")
-    if isinstance(n, int) and n > 1 and plain.get("resume"):
-        problems.append("resume=true is not supported with distribution.num_processes > 1 yet")
-    if problems:
-        raise DistributionError("invalid config: " + "; ".join(problems))
-    check_backend(plain.get("backend", "jax"), mode)
-
-
-def check_backend(backend: str, mode: str) -> None:
-    if mode != "none" and backend != "jax":
-        raise DistributionError(
-            f"distribution={mode} needs backend=jax: lora3 distributes through keras.distribution "
-            "(DeviceMesh, DataParallel, ModelParallel, LayoutMap), whose trainer support in Keras 3 is JAX only. "
-            f"backend={backend} supports distribution=none (one device). Use backend=jax distribution={mode}"
-        )
 
 
 # ---------------------------------------------------------------- set-up
@@ -159,7 +110,8 @@ def setup(dist_cfg: Mapping[str, Any] | None, family: str, keras, backend: str |
     """Sets the global keras distribution for `dist_cfg` (call after clear_session, before building)."""
     global _CURRENT
     mode = _get(dist_cfg, "mode", "none")
-    check_backend(backend or keras.backend.backend(), mode)
+    if mode != "none" and (backend or keras.backend.backend()) != "jax":  # the schema says so for the app
+        raise DistributionError(f"distribution={mode} needs backend=jax (keras.distribution trains on JAX only)")
     if mode == "none":
         _CURRENT = Setup()
         keras.distribution.set_distribution(None)
@@ -311,3 +263,8 @@ def worker_dir(run_dir: Path, plain: dict) -> Path:
     pid = int(_get(plain.get("distribution"), "process_id", 0))
     plain.setdefault("wandb", {})["mode"] = "disabled"
     return Path(tempfile.mkdtemp(prefix=f"lora3-{Path(run_dir).name}-process{pid}-"))
+
+
+def output_dir(run_dir: Path, plain: dict) -> Path:
+    """The directory this process writes: the run directory, or a worker's scratch (`worker_dir`)."""
+    return worker_dir(run_dir, plain) if is_worker(plain) else run_dir

@@ -1,7 +1,8 @@
 """Evaluation: teacher-forced loss and token accuracy, and greedy translations scored with sacrebleu.
 
-    scores = evaluate(bundle, data, arrays, cfg_eval, src_len, tgt_len)
-    scores["val/bleu"], scores["val/chrf"], scores["val/loss"], scores["val/accuracy"], scores["samples"]
+    splits = prepare_splits(bundle, data, plain)        # validation (and test): encoded once
+    scores = evaluate_split(bundle, splits[0], plain)   # val/loss, val/perplexity, val/accuracy, val/bleu,
+                                                        # val/chrf, samples
 
 The BLEU/chrF subset is fixed (the first `eval.num_samples` validation pairs) so that numbers
 are comparable across steps, runs and backends. Decoding is greedy (the model is compiled
@@ -10,12 +11,17 @@ with `sampler="greedy"`).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import sacrebleu
+
+from lora3.fileio import atomic_write_text
 
 
 def score_translations(hypotheses: list[str], references: list[str]) -> dict:
@@ -80,3 +86,93 @@ def evaluate(bundle, *, sources: list[str], inputs: list[str], references: list[
             {"source": s, "reference": r, "hypothesis": h} for s, r, h in zip(sources, references, hyps)
         ]
     return out
+
+
+# ---------------------------------------------------------------- splits: validation and test, one path
+
+
+@dataclasses.dataclass
+class Split:
+    """One evaluation split, encoded once: teacher-forced arrays for the loss, and the fixed subset
+    (the first `eval.num_samples` pairs) translated greedily for BLEU/chrF."""
+
+    prefix: str                # "val" | "test": the metric names' prefix
+    arrays: tuple | None       # (x, y, sample_weight), padded to the data-parallel devices
+    batch_size: int
+    sources: list[str]
+    inputs: list[str]
+    references: list[str]
+
+
+def prepare_split(bundle, data, split: str, prefix: str, plain: Mapping[str, Any]) -> Split:
+    """Encodes `data`'s `split` ("valid" or "test") for evaluation under the run's limits."""
+    from lora3.run import distribution as dist_mod
+
+    d, ev_cfg = plain["data"], plain["eval"]
+    pairs = data.valid if split == "valid" else data.test
+    n_loss = ev_cfg.get("loss_samples") or len(pairs)
+    *arrays, _ = bundle.encode(data.inputs(split)[:n_loss], data.targets(split)[:n_loss], d["max_source_length"],
+                               d["max_target_length"], overlong="error" if d["overlong"] == "error" else "truncate",
+                               what="validation" if split == "valid" else split, sources=data.sources(split)[:n_loss])
+    arrays, batch_size = dist_mod.pad_eval(tuple(arrays), ev_cfg["batch_size"])
+    n = 0 if dist_mod.current().multi_process else min(ev_cfg["num_samples"], len(pairs))  # generation: 1 process
+    return Split(prefix, arrays, batch_size, data.sources(split)[:n], data.inputs(split)[:n], data.targets(split)[:n])
+
+
+def prepare_splits(bundle, data, plain: Mapping[str, Any]) -> list[Split]:
+    """The validation split, and the test split when `data.test_split` gave one (scored before and after
+    training, never used to select)."""
+    return [prepare_split(bundle, data, "valid", "val", plain),
+            *([prepare_split(bundle, data, "test", "test", plain)] if data.test else [])]
+
+
+def evaluate_split(bundle, split: Split, plain: Mapping[str, Any]) -> dict[str, Any]:
+    d = plain["data"]
+    return evaluate(bundle, sources=split.sources, inputs=split.inputs, references=split.references,
+                    arrays=split.arrays, batch_size=split.batch_size, src_len=d["max_source_length"],
+                    max_length=plain["eval"].get("max_length") or d["max_target_length"], prefix=split.prefix)
+
+
+def evaluate_all(bundle, splits: list[Split], plain: Mapping[str, Any], scores: dict | None = None) -> dict:
+    """Scores every split (reusing `scores` already computed for validation); a split's samples go
+    under `samples` (validation) or `<prefix>_samples`."""
+    out: dict[str, Any] = {}
+    for split in splits:
+        got = scores if (scores is not None and split.prefix == "val") else evaluate_split(bundle, split, plain)
+        out.update({k: v for k, v in got.items() if k.startswith(split.prefix + "/")})
+        out["samples" if split.prefix == "val" else f"{split.prefix}_samples"] = got.get("samples", [])
+        if got.get("signatures"):
+            out["signatures"] = got["signatures"]
+    return out
+
+
+def validation_fn(bundle, splits: list[Split], plain: Mapping[str, Any]):
+    """`evaluate_fn(step)` for the training loop: the validation split only."""
+    return lambda step: evaluate_split(bundle, splits[0], plain)
+
+
+def before_training(bundle, splits: list[Split], plain: Mapping[str, Any], out: Path, tracker) -> dict:
+    """Scores the model before training (`eval.before`, always for `finetune=none`); a resumed run
+    reads them back from `.before.json`."""
+    from lora3.run import train as tr
+
+    resuming = plain["resume"] and tr.list_checkpoints(out)
+    if resuming:
+        path = out / ".before.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+    if not (plain["eval"]["before"] or plain["finetune"] == "none"):
+        return {}
+    before = evaluate_all(bundle, splits, plain)
+    tracker.log({k: v for k, v in before.items() if k.startswith(("val/", "test/"))}, step=0)
+    print(f"[lora3] before training: val/loss={before.get('val/loss', float('nan')):.4f} "
+          f"val/bleu={before.get('val/bleu', float('nan')):.2f} val/chrf={before.get('val/chrf', float('nan')):.2f}",
+          flush=True)
+    atomic_write_text(out / ".before.json", json.dumps({k: v for k, v in before.items() if not k.endswith("samples")}))
+    return before
+
+
+def after_training(bundle, splits: list[Split], plain: Mapping[str, Any], result: dict, before: dict) -> dict:
+    """The final scores: the training loop's last evaluation (validation) plus the other splits."""
+    if plain["finetune"] == "none":
+        return before
+    return evaluate_all(bundle, splits, plain, scores=result.get("last_scores"))

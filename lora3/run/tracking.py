@@ -14,6 +14,7 @@ Tests read offline runs back with `read_offline_run()` (`wandb leet inspect --su
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -178,3 +179,42 @@ def read_offline_run(run_dir: str | os.PathLike) -> dict:
             out.setdefault("name", run.get("display_name"))
             break
     return out
+
+
+def run_name(plain: Mapping[str, Any]) -> str:
+    """The default W&B run name: <model>-<data>-<r8-a16 | full | none>-<backend>-s<seed>."""
+    lora = plain.get("lora") or {}
+    tag = f"r{lora.get('rank')}-a{lora.get('alpha'):g}" if plain["finetune"] == "lora" else plain["finetune"]
+    return f"{plain['model']['name']}-{plain['data'].get('name', 'data')}-{tag}-{plain['backend']}-s{plain['seed']}"
+
+
+@contextlib.contextmanager
+def run_for(plain: Mapping[str, Any], data, out: Path, job: Mapping[str, Any]):
+    """The job's W&B run: the flattened config (plus the backend in use, the data's fingerprint and
+    the library versions), resumed with `resume=true`; finished with exit code 0 only on success."""
+    # keras here, not at the top: this module is imported before the job has chosen the backend
+    import keras
+    import keras_hub  # noqa: F401  (the model needs it anyway; versions() reports imported modules)
+
+    from lora3.fileio import atomic_write_text
+    from lora3.run import backend
+
+    wb = plain["wandb"]
+    run_id_file = out / ".wandb_run_id"
+    run_id = run_id_file.read_text().strip() if plain["resume"] and run_id_file.is_file() else None
+    config = flatten({k: v for k, v in plain.items() if k != "wandb"})
+    config.update({"backend": keras.backend.backend(), "choices": dict(job.get("choices", {})),
+                   "data.fingerprint": data.info["fingerprint"], "output_dir": str(out)})
+    config.update(flatten({"versions": backend.versions(), "data.files_sha256": data.info.get("files_sha256") or {}}))
+    tags = [plain["model"]["name"], plain["finetune"], keras.backend.backend(), data.info["name"], *wb.get("tags", [])]
+    tracker = start(mode=wb["mode"], project=wb["project"], entity=wb.get("entity"), config=config, directory=out,
+                    name=wb.get("name") or run_name(plain), group=wb.get("group") or job.get("sweep_group"),
+                    tags=tags, run_id=run_id)
+    if tracker.id:
+        atomic_write_text(run_id_file, tracker.id)
+    exit_code = 1
+    try:
+        yield tracker
+        exit_code = 0
+    finally:
+        tracker.finish(exit_code)

@@ -352,7 +352,8 @@ def train(
     """Trains for `max_steps`, evaluating and checkpointing every `eval_every` steps.
 
     `evaluate_fn(step)` returns a dict of `val/*` metrics (and optionally `samples`).
-    Returns {"history": [...], "best": {...}, "last": {...}, "perf": {...}, "resumed_from": step|None}.
+    Returns {"history": [...], "best": {...}, "last": {...}, "perf": {...}, "resumed_from": step|None,
+    "nonfinite_skipped": n, "last_scores": the last `evaluate_fn` result (None if no period ran)}.
     """
     model = bundle.fit_model  # decoder-only: the completion-logits view (same variables)
     out_dir = Path(out_dir)
@@ -397,6 +398,7 @@ def train(
     # 2. one fit() epoch per evaluation period
     fit_time, fit_steps, compile_time = 0.0, 0, None
     periods = math.ceil(max_steps / eval_every)
+    scores = None  # the last evaluation's full result (with its samples): the run's final scores
     while step < max_steps:
         period = step // eval_every
         end = min(max_steps, (period + 1) * eval_every)
@@ -476,4 +478,4 @@ def train(
     if tokens_per_step and fit_time > 0:
         perf["tokens_per_s"] = tokens_per_step * fit_steps / fit_time
     return {"history": history, "best": best, "last": history[-1] if history else {}, "perf": perf,
-            "resumed_from": resumed_from, "nonfinite_skipped": skipped_total}
+            "resumed_from": resumed_from, "nonfinite_skipped": skipped_total, "last_scores": scores}

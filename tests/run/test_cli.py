@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from lora3.run.cli import AppConfigError, run_job, validate
+from lora3.run.job import run_job
+from lora3.run.schema import AppConfigError, validate
 
 SMOKE = ["experiment=smoke"]
 
@@ -26,8 +27,8 @@ def test_default_config_is_valid_and_has_the_user_keys(compose):
     assert plain["lora"]["rank"] == plain["rank"] == 8 and plain["model"]["name"] == "t5_tiny"
     assert plain["data"]["source"] == "synthetic" and plain["wandb"]["mode"] == "offline"
     assert plain["trainer"]["max_steps"] > 0 and "batch_size" in plain["trainer"] and "lr" in plain["trainer"]
-    assert validate(compose(["lora=full"]))["lora"]["mode"] == "full"
-    assert validate(compose(["lora=none"]))["lora"]["mode"] == "none"
+    assert validate(compose(["lora=full"]))["finetune"] == "full"
+    assert validate(compose(["lora=none"]))["finetune"] == "none"
     assert validate(compose(["model=flan_t5_base"]))["model"]["preset"] == "flan_base_multi"
 
 

@@ -243,15 +243,15 @@ def child_report_dir(report):
 
 
 def test_tensorflow_or_bad_config_refused_at_once(compose):
-    from lora3.run.distribution import DistributionError
-    from lora3.run.cli import validate
+    from lora3.run.schema import AppConfigError
+    from lora3.run.schema import validate
 
     cfg = compose(["distribution=data_parallel", "backend=tensorflow"])
-    with pytest.raises(DistributionError, match="needs backend=jax.*backend=tensorflow supports distribution=none"):
+    with pytest.raises(AppConfigError, match="needs backend=jax.*backend=tensorflow supports distribution=none"):
         validate(cfg)
-    with pytest.raises(DistributionError, match="distribution.coordinator"):
+    with pytest.raises(AppConfigError, match="distribution.coordinator"):
         validate(compose(["distribution=data_parallel", "distribution.num_processes=2"]))
-    with pytest.raises(DistributionError, match="distribution.mode='pipeline'"):
+    with pytest.raises(AppConfigError, match="distribution.mode='pipeline'"):
         validate(compose(["distribution=data_parallel", "distribution.mode=pipeline"]))
     assert validate(compose([]))["distribution"]["mode"] == "none"
     assert validate(compose(["distribution=model_parallel"]))["distribution"]["model_size"] >= 1

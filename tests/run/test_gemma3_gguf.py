@@ -11,6 +11,7 @@ pytest.importorskip("gguf")
 
 from lora3.run import gemma3_gguf, models  # noqa: E402
 import gguf_tiny  # noqa: E402
+from lora3.fileio import sha256_file  # noqa: E402
 from tests.tiny import TEXT  # noqa: E402
 
 STRINGS = ["ein mann fährt fahrrad auf der straße", "Zwei  Kinder\nspielen 12 Bälle!", "der hund 🐕", TEXT[-1]]
@@ -82,7 +83,7 @@ def test_converts_once_into_a_keras_hub_preset(tiny_gguf, tiny_preset, tmp_path)
     stamp = (tiny_preset / "lora3_gguf.json").stat().st_mtime_ns
     again = gemma3_gguf.ensure_preset(path, tiny_preset.parent.parent)
     assert again == tiny_preset and (again / "lora3_gguf.json").stat().st_mtime_ns == stamp
-    assert gemma3_gguf.sha256_of(path)[:16] in tiny_preset.name
+    assert sha256_file(path)[:16] in tiny_preset.name
     assert not [p for p in tiny_preset.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
 

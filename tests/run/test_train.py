@@ -57,7 +57,7 @@ class Crash(Exception):
 @pytest.mark.one_backend  # both backends: the real SIGKILL test in test_crash_resume.py
 def test_resume_continues_from_checkpoint_and_matches_uninterrupted(tmp_path, backend_name, lora3_cache, compose):
     from lora3.run import backend
-    from lora3.run.cli import run_job
+    from lora3.run.job import run_job
 
     keras = backend.select(backend_name)
 

@@ -29,7 +29,8 @@ from typing import Callable
 import pytest
 
 import lora3
-from lora3.run.cli import precheck, run_job
+from lora3.run.cli import precheck
+from lora3.run.job import run_job
 
 pytestmark = pytest.mark.one_backend
 BACKEND = os.environ.get("KERAS_BACKEND", "jax")

@@ -60,7 +60,7 @@ def _tensors(path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, compose, lora3_cache):
     """An uninterrupted run in this process."""
-    from lora3.run.cli import run_job
+    from lora3.run.job import run_job
 
     out = tmp_path_factory.mktemp("reference") / "run"
     metrics = run_job(compose([*TINY, f"cache_dir={lora3_cache}"]), out)
@@ -70,12 +70,11 @@ def reference(tmp_path_factory, compose, lora3_cache):
 @pytest.fixture(scope="module")
 def compose():  # module scope (the conftest fixture is per test)
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
-    from lora3.run.cli import CONF_DIR
 
     def make(overrides=()):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with initialize_config_module(config_module="lora3.run.conf", version_base="1.3"):
             return hydra_compose("config", overrides=list(overrides))
 
     return make
@@ -131,7 +130,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, reference, lora3
 def test_same_seed_same_curve_and_adapter(tmp_path, reference, compose, lora3_cache):
     """Reproducibility in one process: a second run of the same config gives the same bits; the run
     records the versions and data hashes (metrics.json; W&B config gets the same, see test_reliability)."""
-    from lora3.run.cli import run_job
+    from lora3.run.job import run_job
 
     ref_dir, ref = reference
     again = run_job(compose([*TINY, f"cache_dir={lora3_cache}"]), tmp_path / "again")

@@ -19,12 +19,11 @@ def _hydra_cfg(compose_hydra, launcher, *overrides):
 
 @pytest.fixture
 def compose_hydra():
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
 
-    from lora3.run.cli import CONF_DIR
 
     def make(overrides):
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        with initialize_config_module(config_module="lora3.run.conf", version_base="1.3"):
             return compose("config", overrides=list(overrides), return_hydra_config=True)
 
     return make

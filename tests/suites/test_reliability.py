@@ -46,7 +46,7 @@ def test_skip_optimizer_leaves_every_variable_as_it_was(backend_name):
 
 @pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, compose, lora3_cache):
-    from lora3.run.cli import run_job
+    from lora3.run.job import run_job
 
     out = tmp_path / "run"
     with pytest.raises(tr.TrainingError) as e:
@@ -70,7 +70,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tmp_path, compose, lora3_cach
 
 @pytest.mark.slow
 def test_skip_nonfinite_skips_and_counts(tmp_path, compose, lora3_cache):
-    from lora3.run.cli import run_job
+    from lora3.run.job import run_job
 
     out = tmp_path / "run"
     m = run_job(compose([*TINY, f"cache_dir={lora3_cache}", "trainer.skip_nonfinite=true",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lora3.run import tracking
-from lora3.run.cli import RunDirBusy, _lock_run_dir, _unlock_run_dir, unique_dir
+from lora3.run.rundir import RunDirBusy, claim, unique_dir
 
 pytestmark = pytest.mark.one_backend
 REPO = Path(__file__).resolve().parents[2]
@@ -28,13 +28,12 @@ def test_unique_dir_claims_a_fresh_name_concurrently(tmp_path):
 
 
 def test_a_run_dir_is_locked_while_a_job_runs(tmp_path):
-    fd = _lock_run_dir(tmp_path / "run")
-    try:
+    with claim(tmp_path / "run"):
         with pytest.raises(RunDirBusy, match="in use by another lora3 process"):
-            _lock_run_dir(tmp_path / "run")
-    finally:
-        _unlock_run_dir(fd)
-    _unlock_run_dir(_lock_run_dir(tmp_path / "run"))  # free again
+            with claim(tmp_path / "run"):
+                pass
+    with claim(tmp_path / "run"):  # free again
+        pass
 
 
 @pytest.mark.slow

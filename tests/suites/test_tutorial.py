@@ -8,7 +8,8 @@ import time
 import pytest
 
 from lora3.run.data import REPO_ROOT, can_reach, load, parse_split, slice_rows
-from lora3.run.cli import OfflineError, derive_length, run_job, validate
+from lora3.run.job import OfflineError, derive_length, run_job
+from lora3.run.schema import validate
 
 MULTI30K = REPO_ROOT.parent / "shared" / "data" / "multi30k"
 
@@ -62,7 +63,7 @@ def test_epochs_derive_the_steps_and_split_slices():
 
 
 def test_both_null_lengths_are_refused(compose):
-    from lora3.run.cli import AppConfigError
+    from lora3.run.schema import AppConfigError
 
     with pytest.raises(AppConfigError, match="trainer.max_steps and trainer.epochs are both null"):
         validate(compose(["experiment=tutorial", "trainer.epochs=null"]))

@@ -8,6 +8,10 @@
 Sources (`data.source`): `synthetic` (project-generated, offline), `files` (a directory with
 `<split>.jsonl` or `<split>.de`/`<split>.en`, e.g. Multi30K), `jsonl` (one file, HF translation
 schema), `wmt16` (`datasets.load_dataset("wmt16", "de-en")`).
+
+Relative paths resolve against the working directory (the directory the app was run from: it does
+not chdir), never against the package's location. `data.name=multi30k` (conf/data/multi30k.yaml)
+with no copy at `data.path` downloads the official files once (`OFFICIAL`, sha256-checked).
 """
 
 from __future__ import annotations
@@ -15,23 +19,43 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from lora3.fileio import sha256_file, staged_dir
 from lora3.run.data import synthetic
 from lora3.run.data.readers import DataError, read_jsonl, read_split
 
-__all__ = ["DataError", "TranslationData", "load", "resolve_path", "REPO_ROOT", "DIRECTIONS", "SOURCES",
+__all__ = ["DataError", "TranslationData", "load", "resolve_path", "DIRECTIONS", "SOURCES", "OFFICIAL",
            "parse_split", "slice_rows", "unreachable"]
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+log = logging.getLogger("lora3")
 DIRECTIONS = ("de-en", "en-de")
 SOURCES = ("synthetic", "files", "jsonl", "wmt16")
 OVERLONG = ("truncate", "drop", "error")
 PREFIXES = {"de-en": "translate German to English: ", "en-de": "translate English to German: "}
+
+# `data.source=files` datasets with public official files, by `data.name`: used where `data.path` holds no
+# copy. Pinned to a commit and to the sha256 of each decompressed file: the same bytes as the copy in
+# ../shared/data/multi30k (see its README), so runs on either get the same data fingerprint.
+_MULTI30K_REV = "a3d2e0d26b56f3846f66a952536ffed4e401d05a"
+OFFICIAL = {
+    "multi30k": {
+        "title": "Multi30K de-en (WMT16 multimodal task 1, github.com/multi30k/dataset)",
+        "url": f"https://raw.githubusercontent.com/multi30k/dataset/{_MULTI30K_REV}/data/task1/raw/",
+        "cache": f"multi30k-{_MULTI30K_REV[:7]}",
+        "files": {  # local name: (file under url, sha256 of the decompressed text)
+            "train.de": ("train.de.gz", "2c2b73fd2b548fbcde3a875e0a78d6ee94d498bfdee6bd3eae3945779e9ddf72"),
+            "train.en": ("train.en.gz", "460a15fbd157e34a7a9957ee388c1ca247fe47af3ef25fb50442af6c274e0fc6"),
+            "valid.de": ("val.de.gz", "660e09eb7e1da2f856ea13ee5ad3cf6d36b3d5b0b733c857e94c5747a3dfc660"),
+            "valid.en": ("val.en.gz", "1f2a23d992769b5b3d209b0a10dd0b77c08cceb1f20dfb97ed0aafa49d107227"),
+        },
+    },
+}
 
 
 @dataclasses.dataclass
@@ -74,20 +98,51 @@ class TranslationData:
 
 
 def resolve_path(path: str | os.PathLike, *, what: str = "data.path") -> Path:
-    """Absolute paths as given; relative ones against the working directory, then the repo root."""
+    """Absolute paths as given; relative ones against the working directory (where the app was run)."""
     p = Path(os.path.expanduser(str(path)))
-    if p.is_absolute():
-        if not p.exists():
-            raise DataError(f"{what}={path} not found")
-        return p
-    candidates = [Path.cwd() / p, REPO_ROOT / p]
-    for c in candidates:
-        if c.exists():
-            return c.resolve()
-    raise DataError(
-        f"{what}={path} not found (looked in {candidates[0]} and {candidates[1]}); "
-        f"pass an absolute path: {what}=/path/to/data"
-    )
+    if not p.is_absolute():
+        p = (Path.cwd() / p).resolve()
+    if not p.exists():
+        raise DataError(f"{what}={path} not found (looked in {p}; a relative path resolves against the "
+                        f"directory you run from); pass the path to a local copy: {what}=/path/to/data")
+    return p
+
+
+def _fetch_official(name: str, path: str) -> Path:
+    """The official files of dataset `name` (`OFFICIAL`), downloaded once into the lora3 cache."""
+    import gzip
+    import urllib.parse
+    import urllib.request
+
+    from lora3.run.cache import default_cache_dir
+
+    spec = OFFICIAL[name]
+    target = default_cache_dir() / "data" / spec["cache"]
+    if all((target / f).is_file() for f in spec["files"]):
+        return target
+    p = Path(os.path.expanduser(str(path)))
+    tried = p if p.is_absolute() else (Path.cwd() / p).resolve()
+    fail = (f"data.path={path} not found (looked in {tried}; a relative path resolves against the directory "
+            f"you run from), and the official {spec['title']} files cannot be downloaded from {spec['url']}")
+    fix = ("Pass a local copy: data.path=<dir> (a directory with <split>.jsonl, or <split>.de and <split>.en, "
+           "for the splits train and valid)")
+    host = urllib.parse.urlparse(spec["url"]).hostname
+    if not can_reach(host):
+        raise DataError(f"{fail}: {host} is not reachable (offline?). {fix}")
+    log.warning("data.path=%s not found (looked in %s): downloading the official %s files from %s into %s",
+                path, tried, spec["title"], spec["url"], target)
+    with staged_dir(target) as tmp:
+        for local, (remote, sha256) in spec["files"].items():
+            url = spec["url"] + remote
+            try:
+                with urllib.request.urlopen(url, timeout=60) as r:
+                    text = gzip.decompress(r.read())
+            except (OSError, EOFError) as e:  # URLError, timeouts, a truncated or non-gzip body
+                raise DataError(f"{fail}: {url}: {e}. {fix}") from None
+            if hashlib.sha256(text).hexdigest() != sha256:
+                raise DataError(f"{fail}: {url} does not hold the pinned file (sha256 differs). {fix}")
+            Path(tmp, local).write_bytes(text)
+    return target
 
 
 _SPLIT = re.compile(r"^([^\[\]]+?)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?$")
@@ -147,9 +202,16 @@ def load(cfg: Mapping[str, Any], seed: int = 0) -> TranslationData:
         )
         info.update(variant=variant, generator_version=synthetic.GENERATOR_VERSION, seed=seed)
     elif source == "files":
-        directory = resolve_path(_get(cfg, "path", ""), what="data.path") if _get(cfg, "path") else None
-        if directory is None:
+        path = _get(cfg, "path")
+        if not path:
             raise DataError("data.path is required for data source 'files' (a directory)")
+        try:
+            directory = resolve_path(path, what="data.path")
+        except DataError:
+            if info["name"] not in OFFICIAL:
+                raise
+            directory = _fetch_official(info["name"], path)
+            info["url"] = OFFICIAL[info["name"]]["url"]
         fmt = _get(cfg, "format", "auto")
         train = _read_sliced(directory, _get(cfg, "train_split", "train"), fmt)
         valid = _read_sliced(directory, _get(cfg, "valid_split", "valid"), fmt)
@@ -180,7 +242,7 @@ def load(cfg: Mapping[str, Any], seed: int = 0) -> TranslationData:
             held = set(order[:n_valid])
             valid = [p for i, p in enumerate(train) if i in held]
             train = [p for i, p in enumerate(train) if i not in held]
-        info.update(path=str(train_path), files_sha256={str(f): _sha256(f) for f in files})
+        info.update(path=str(train_path), files_sha256={str(f): sha256_file(f) for f in files})
     elif source == "wmt16":
         train, valid, test = _load_wmt16(cfg)
         info.update(hf_dataset="wmt16", hf_config="de-en",
@@ -210,17 +272,9 @@ def load(cfg: Mapping[str, Any], seed: int = 0) -> TranslationData:
     return data
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _hash_files(directory: Path) -> dict:
     return {
-        p.name: _sha256(p)
+        p.name: sha256_file(p)
         for p in sorted(directory.iterdir())
         if p.is_file() and p.suffix in (".jsonl", ".de", ".en")
     }
@@ -259,7 +313,7 @@ def unreachable(cfg: Mapping[str, Any]) -> str | None:
 
 def _load_wmt16(cfg) -> tuple[list[dict], list[dict], list[dict]]:
     offline_hint = (
-        "run the same recipe on local data: data=multi30k (../shared/data/multi30k) "
+        "run the same recipe on local data: data=multi30k data.path=<dir with a Multi30K copy> "
         "or data=jsonl data.path=<file.jsonl>"
     )
     if not can_reach("huggingface.co") and not os.environ.get("HF_DATASETS_OFFLINE"):

@@ -1,16 +1,26 @@
-"""Data: the synthetic task, file readers and their errors (no keras)."""
+"""Data: the synthetic task, file readers and their errors (no keras); where relative paths resolve."""
 
+import gzip
+import io
 import json
+import os
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from lora3.run.data import DataError, REPO_ROOT, can_reach, load
+import lora3.run.data as data_mod
+from lora3.run.data import OFFICIAL, DataError, can_reach, load
 from lora3.run.data import synthetic
 from lora3.run.data.readers import read_jsonl, read_plain_pair
 
-MULTI30K = REPO_ROOT.parent / "shared" / "data" / "multi30k"
+REPO = Path(__file__).resolve().parents[3]
+BACKEND = os.environ.get("KERAS_BACKEND", "jax")
+MULTI30K = REPO.parent / "shared" / "data" / "multi30k"
+GITHUB = "raw.githubusercontent.com"
 
 
 def test_synthetic_is_deterministic_and_seeded():
@@ -116,8 +126,9 @@ def test_jsonl_source_holds_out_validation_and_rejects_tiny_files(tmp_path):
 
 
 @pytest.mark.skipif(not MULTI30K.is_dir(), reason="../shared/data/multi30k not present")
-def test_multi30k_default_path_both_layouts():
-    d = load({"source": "files", "path": "../shared/data/multi30k"}, seed=0)  # relative to the repo root
+def test_multi30k_default_path_both_layouts(monkeypatch):
+    monkeypatch.chdir(REPO)
+    d = load({"source": "files", "path": "../shared/data/multi30k"}, seed=0)  # relative to the working directory
     assert (len(d.train), len(d.valid)) == (29000, 1014)
     assert "\t" in d.train[7365]["de"]  # the one German line with a tab (line 7366) is kept
     assert all(p["de"] == p["de"].strip() for p in d.train)
@@ -132,3 +143,103 @@ def test_wmt16_offline_fails_at_once_naming_local_alternatives():
     with pytest.raises(DataError, match="data=multi30k"):
         load({"source": "wmt16", "max_train": 10})
     assert time.time() - t < 30
+
+
+def _pairs(path: Path, n: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write(path, "\n".join(json.dumps({"translation": {"de": f"d{i}", "en": f"e{i}"}}) for i in range(n)))
+
+
+@pytest.mark.one_backend
+def test_relative_paths_resolve_against_the_working_directory_only(tmp_path, monkeypatch):
+    _pairs(tmp_path / "here" / "sub" / "d.jsonl", 20)
+    monkeypatch.chdir(tmp_path / "here")
+    assert load({"source": "jsonl", "path": "sub/d.jsonl"}).info["path"] == str(tmp_path / "here" / "sub" / "d.jsonl")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(DataError, match=rf"data.path=sub/d.jsonl not found \(looked in {tmp_path / 'elsewhere' / 'sub'}"):
+        load({"source": "jsonl", "path": "sub/d.jsonl"})
+    with pytest.raises(DataError, match=r"data.path=\.\./nope not found .*data.path=/path/to/data"):
+        load({"source": "files", "path": "../nope"})  # no fallback for a dataset without official files
+
+
+@pytest.mark.one_backend
+def test_multi30k_without_a_copy_offline_names_the_path_the_dataset_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_mod, "can_reach", lambda host, *a, **k: False)
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    t = time.time()
+    with pytest.raises(DataError) as e:
+        load({"source": "files", "name": "multi30k", "path": "../shared/data/multi30k"})
+    msg = str(e.value)
+    assert f"data.path=../shared/data/multi30k not found (looked in {tmp_path / 'shared' / 'data' / 'multi30k'}" in msg
+    assert "Multi30K" in msg and OFFICIAL["multi30k"]["url"] in msg and f"{GITHUB} is not reachable" in msg
+    assert "data.path=<dir>" in msg
+    assert time.time() - t < 5 and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.one_backend
+@pytest.mark.skipif(not MULTI30K.is_dir(), reason="../shared/data/multi30k not present")
+def test_multi30k_without_a_copy_downloads_the_official_files_once(tmp_path, monkeypatch):
+    """The download path with the network replaced by the official files' bytes (the local copy, gzipped):
+    the same pairs and fingerprint as the copy; a second load reads the cache; a changed file is refused."""
+    monkeypatch.setenv("LORA3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data_mod, "can_reach", lambda host, *a, **k: host == GITHUB)
+    spec = OFFICIAL["multi30k"]
+    served = {spec["url"] + remote: gzip.compress((MULTI30K / local).read_bytes(), compresslevel=1)
+              for local, (remote, _) in spec["files"].items()}
+    calls = []
+
+    def urlopen(url, timeout=None):
+        calls.append(url)
+        return io.BytesIO(served[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.chdir(tmp_path)
+    cfg = {"source": "files", "name": "multi30k", "path": "../shared/data/multi30k", "max_train": 500}
+    d = load(cfg)
+    local = load({**cfg, "path": str(MULTI30K), "format": "plain"})
+    assert sorted(calls) == sorted(served) and d.train == local.train and d.valid == local.valid
+    assert d.fingerprint() == local.fingerprint() and d.info["url"] == spec["url"]
+    assert load(cfg).train == d.train and len(calls) == 4  # cached: no second download
+
+    monkeypatch.setenv("LORA3_CACHE", str(tmp_path / "cache2"))
+    served[spec["url"] + "val.en.gz"] = gzip.compress(b"changed\n")
+    with pytest.raises(DataError, match=r"val\.en\.gz does not hold the pinned file .*data.path=<dir>"):
+        load(cfg)
+    assert not any((tmp_path / "cache2" / "data").iterdir())  # nothing half-downloaded left behind
+
+
+def _cli_from(cwd, *args, env=None):
+    env = dict(os.environ, KERAS_BACKEND=BACKEND, WANDB_ERROR_REPORTING="false", HYDRA_FULL_ERROR="0",
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]), **(env or {}))
+    env.pop("WANDB_MODE", None)
+    return subprocess.run([sys.executable, "-m", "lora3.run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.one_backend
+@pytest.mark.skipif(can_reach(GITHUB), reason="online: data=multi30k downloads the official files")
+def test_cli_multi30k_from_another_directory_fails_clearly_offline(tmp_path):
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    r = _cli_from(cwd, "data=multi30k", "experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}",
+                  env={"LORA3_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"data.path=../shared/data/multi30k not found (looked in {tmp_path / 'shared' / 'data' / 'multi30k'}" in r.stderr
+    assert "Multi30K" in r.stderr and "data.path=<dir>" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists() and list(cwd.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MULTI30K.is_dir(), reason="../shared/data/multi30k not present")
+def test_cli_multi30k_from_another_directory_with_an_absolute_path(tmp_path):
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    r = _cli_from(cwd, "data=multi30k", f"data.path={MULTI30K}", "data.max_train=128", "data.max_valid=16",
+                  "experiment=smoke", "model.base=null", f"backend={BACKEND}", "trainer.max_steps=2",
+                  f"cache_dir={tmp_path / 'cache'}", "hydra.run.dir=run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((cwd / "run" / "metrics.json").read_text())  # a relative hydra.run.dir: in the working directory
+    assert m["status"] == "finished" and m["data"]["path"] == str(MULTI30K) and m["data"]["n_train"] == 128

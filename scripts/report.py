@@ -5,6 +5,8 @@
     python scripts/report.py multirun/a multirun/b --out experiments/rank_alpha   # a sweep run in pieces
     python scripts/report.py outputs/ --wandb-files                       # read offline W&B files, not metrics.json
     python scripts/report.py wandb:<entity>/<project> --out report/       # the W&B API (online)
+    python scripts/report.py dashboard --project lora3 --sweep-group rank_alpha --out dash.json  # W&B workspace spec
+    python scripts/report.py dashboard --project lora3 --entity me --sweep-group rank_alpha --publish  # save it (online)
 
 A *run directory* is any directory under the given ones that holds `metrics.json` (a finished run),
 `error.json` (a failed job), or Hydra's `.hydra/` or a `wandb/offline-run-*` (a job that was
@@ -20,6 +22,10 @@ Outputs in --out (default: the first directory given):
 - `bleu_vs_rank.png`: best val BLEU against rank, one line per (targets, alpha rule, rsLoRA),
   with the `full` and `none` baselines as horizontal lines (mean over seeds; bars: min..max);
 - `val_loss.png`: validation loss curves of every finished run.
+
+`dashboard` (a subcommand; a directory named `dashboard` is still a source) writes the W&B workspace of
+a sweep as code: best val BLEU vs rank (one line per alpha), BLEU vs trainable share, val loss by
+sweep group, parallel coordinates rank/alpha/targets/lr -> BLEU; see `dashboard --help`.
 """
 
 from __future__ import annotations
@@ -98,7 +104,7 @@ def _num(v):
 
 def row_from_metrics(name: str, m: dict, cfg: dict) -> dict:
     lora = cfg.get("lora") or {}
-    mode = m.get("lora_mode") or lora.get("mode")
+    mode = m.get("lora_mode") or cfg.get("finetune") or lora.get("mode")
     params = m.get("params") or {}
     hist = [h for h in m.get("history") or [] if h.get("val/loss") is not None]
     return {
@@ -141,7 +147,7 @@ def row_from_wandb(name: str, rec: dict, cfg: dict | None = None) -> dict:
             v = v.get(agg) if agg else None
         return _num(v)
 
-    mode = c.get("lora.mode")
+    mode = c.get("finetune") or c.get("lora.mode")  # `finetune` in newer configs, `lora.mode` in older ones
     state = rec.get("state") or ("finished" if s else "unknown")
     return {
         "run": name, "status": "finished" if state == "finished" else "failed",
@@ -207,7 +213,7 @@ def collect_dirs(roots: list[Path], wandb_files: bool = False) -> list[dict]:
 
 def _failed(name, cfg, error) -> dict:
     lora = cfg.get("lora") or {}
-    mode = lora.get("mode")
+    mode = cfg.get("finetune") or lora.get("mode")
     row = {k: None for k in COLUMNS}
     row.update(run=name, status="failed", model=(cfg.get("model") or {}).get("name"), backend=cfg.get("backend"),
                mode=mode, seed=cfg.get("seed"), error=str(error), curve=[])
@@ -462,8 +468,296 @@ def plot(rows: list[dict], aggs: list[dict], out: Path) -> list[Path]:
     return written
 
 
+# ---------------------------------------------------------------- W&B dashboard as code
+#
+# `python scripts/report.py dashboard --project lora3 [--entity E] [--sweep-group G] [--out spec.json] [--publish]`
+# builds a W&B workspace (a saved view of a project) with the panels a LoRA sweep needs. The spec is
+# plain data (`dashboard_spec`, no network, no W&B import); `to_workspace` turns it into a
+# `wandb_workspaces` Workspace, whose wire form (`wire_view`) is what `--publish` saves.
+#
+# Every key is one the app logs (lora3/run: tracking, train, outputs); tests/scripts/test_dashboard.py
+# checks them against a real offline run. The run config is the
+# flattened resolved config, so `lora.rank` is one *flat* config key (stored as
+# {"lora.rank": {"value": 8}}, backend path `lora.rank.value`); the summary has `best/val/bleu`
+# and `params/trainable_percent`; the history has `val/loss` at each evaluation step; the W&B group
+# is `wandb.group` or, in a multirun, the sweep's `<parent>_<sweep dir>`.
+
+DASHBOARD_SCHEMA = "lora3.dashboard/1"
+
+#: what the panels plot: name -> (section, key). section: config | summary | history | run
+DASHBOARD_KEYS = {
+    "rank": ("config", "lora.rank"),
+    "alpha": ("config", "lora.alpha"),
+    "targets": ("config", "lora.targets"),
+    "lr": ("config", "trainer.lr"),
+    "best_bleu": ("summary", "best/val/bleu"),
+    "trainable_pct": ("summary", "params/trainable_percent"),
+    "val_loss": ("history", "val/loss"),
+    "step": ("history", "_step"),
+    "group": ("run", "group"),
+}
+
+
+def _ref(name: str, keys: dict) -> dict:
+    section, key = keys[name]
+    return {"section": section, "key": key}
+
+
+def dashboard_spec(project: str, entity: str | None = None, sweep_group: str | None = None, *,
+                   name: str | None = None, keys: dict | None = None) -> dict:
+    """The dashboard of a LoRA sweep as plain data (JSON-serialisable; no network, no W&B import).
+
+    Panels: best val BLEU against rank, one line per alpha (a Vega line over runs) and the same
+    points as a native scatter; best val BLEU against the trainable share; validation loss curves
+    grouped by W&B group (the sweep); parallel coordinates rank, alpha, targets, lr -> best BLEU.
+    `sweep_group` filters the runs to that W&B group. `keys` overrides entries of DASHBOARD_KEYS.
+    """
+    if not project:
+        raise ValueError("a W&B project is needed")
+    k = dict(DASHBOARD_KEYS, **(keys or {}))
+    filters = []
+    if sweep_group:
+        filters.append({**_ref("group", k), "op": "=", "value": sweep_group})
+    hparams = [_ref(n, k) for n in ("rank", "alpha", "targets", "lr")]
+    panels = [
+        {"id": "bleu_vs_rank", "type": "vega_line",
+         "title": "best val BLEU vs LoRA rank (one line per alpha)",
+         "chart": "wandb/line/v0", "x": _ref("rank", k), "y": _ref("best_bleu", k), "series": _ref("alpha", k)},
+        {"id": "bleu_vs_rank_runs", "type": "scatter", "title": "best val BLEU vs LoRA rank (every run)",
+         "x": _ref("rank", k), "y": _ref("best_bleu", k), "log_x": True},
+        {"id": "bleu_vs_trainable", "type": "scatter", "title": "best val BLEU vs trainable share (%)",
+         "x": _ref("trainable_pct", k), "y": _ref("best_bleu", k), "log_x": True},
+        {"id": "val_loss", "type": "line", "title": "validation loss (grouped by sweep)",
+         "x": _ref("step", k), "y": [_ref("val_loss", k)], "groupby": _ref("group", k),
+         "aggregate": "mean", "range": "minmax", "log_y": True},
+        {"id": "hparams", "type": "parallel_coordinates", "title": "rank, alpha, targets, lr -> best val BLEU",
+         "columns": hparams + [_ref("best_bleu", k)]},
+    ]
+    columns = hparams + [_ref("best_bleu", k), _ref("trainable_pct", k)]
+    return {
+        "schema": DASHBOARD_SCHEMA, "kind": "workspace", "entity": entity, "project": project,
+        "name": name or f"lora3 LoRA sweep{f' {sweep_group}' if sweep_group else ''}",
+        "sweep_group": sweep_group, "filters": filters, "columns": columns,
+        "sections": [{"name": "LoRA sweep", "panels": panels}],
+    }
+
+
+def dashboard_keys(spec: dict) -> set[tuple[str, str]]:
+    """Every (section, key) the spec references: panels, columns and filters."""
+    out = set()
+
+    def add(ref):
+        out.add((ref["section"], ref["key"]))
+
+    for f in spec.get("filters", []):
+        add(f)
+    for c in spec.get("columns", []):
+        add(c)
+    for section in spec["sections"]:
+        for p in section["panels"]:
+            for field in ("x", "series", "groupby"):
+                if p.get(field):
+                    add(p[field])
+            y = p.get("y")
+            for ref in (y if isinstance(y, list) else [y] if y else []):
+                add(ref)
+            for ref in p.get("columns", []):
+                add(ref)
+    return out
+
+
+def _wandb_workspaces():
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+
+    return wr, ws
+
+
+def _metric(ref: dict, wr):
+    """A spec reference as a wandb_workspaces metric (for panels that take config/summary)."""
+    if ref["section"] == "config":
+        return wr.Config(ref["key"])
+    if ref["section"] == "summary":
+        return wr.SummaryMetric(ref["key"])
+    if ref["section"] == "run":
+        return wr.Metric({"group": "Group"}.get(ref["key"], ref["key"]))
+    return ref["key"]  # history: a plain metric name
+
+
+def _flat_config(ref: dict) -> str:
+    """A flat dotted config key's backend accessor: `config:lora.rank.value` (the SDK would write
+    `config:lora.value.rank`, the form of a *nested* config, which the app does not log)."""
+    return f"config:{ref['key']}.value"
+
+
+def to_workspace(spec: dict):
+    """The spec as a `wandb_workspaces.workspaces.Workspace` (needs the `wandb-workspaces` package)."""
+    wr, ws = _wandb_workspaces()
+
+    class FlatConfigColumn(wr.ParallelCoordinatesPlotColumn):
+        def _to_model(self):
+            m = super()._to_model()
+            if isinstance(self.metric, wr.Config):
+                m.accessor = _flat_config({"key": self.metric.name})
+            return m
+
+    class FlatConfigScatter(wr.ScatterPlot):
+        def _to_model(self):
+            m = super()._to_model()
+            for axis in ("x", "y"):
+                if isinstance(getattr(self, axis), wr.Config):
+                    setattr(m.config, f"{axis}_axis", _flat_config({"key": getattr(self, axis).name}))
+            return m
+
+    def history_name(ref):
+        return {"_step": "Step"}.get(ref["key"], ref["key"])
+
+    panels = []
+    for p in spec["sections"][0]["panels"]:
+        t = p["type"]
+        if t == "vega_line":  # one point per run, one line per series value: the preset's x, y, stroke
+            cfg = [r["key"] for r in (p["x"], p["series"]) if r["section"] == "config"]
+            summ = [r["key"] for r in (p["x"], p["y"], p["series"]) if r["section"] == "summary"]
+            panels.append(wr.CustomChart(
+                query={"config": {"keys": cfg}, "summary": {"keys": summ}}, chart_name=p["chart"],
+                chart_fields={"x": p["x"]["key"], "y": p["y"]["key"], "stroke": p["series"]["key"]},
+                chart_strings={"title": p["title"]}))
+        elif t == "scatter":
+            panels.append(FlatConfigScatter(title=p["title"], x=_metric(p["x"], wr), y=_metric(p["y"], wr),
+                                            log_x=p.get("log_x"), log_y=p.get("log_y")))
+        elif t == "line":
+            groupby = p.get("groupby")
+            panels.append(wr.LinePlot(
+                title=p["title"], x=history_name(p["x"]), y=[history_name(r) for r in p["y"]],
+                groupby=(_metric(groupby, wr) if groupby["section"] == "run" else f"{groupby['key']}.value")
+                if groupby else None,
+                groupby_aggfunc=p.get("aggregate"), groupby_rangefunc=p.get("range"),
+                log_y=p.get("log_y"), max_runs_to_show=100))
+        elif t == "parallel_coordinates":
+            panels.append(wr.ParallelCoordinatesPlot(
+                title=p["title"],
+                columns=[FlatConfigColumn(metric=_metric(c, wr), display_name=c["key"]) for c in p["columns"]]))
+        else:
+            raise ValueError(f"unknown panel type {t!r}")
+
+    filters = []
+    for f in spec["filters"]:
+        if f["section"] == "run":
+            m = ws.Metric({"group": "Group"}.get(f["key"], f["key"]))
+        elif f["section"] == "config":
+            m = ws.Config(f["key"])  # a filter names the (flat) top-level config key itself
+        else:
+            m = ws.Summary(f["key"])
+        if f["op"] != "=":
+            raise ValueError(f"unsupported filter op {f['op']!r}")
+        filters.append(m == f["value"])
+    columns = [_flat_config(c) if c["section"] == "config" else f"{c['section']}:{c['key']}"
+               for c in spec["columns"]]
+    return ws.Workspace(
+        entity=spec["entity"] or "", project=spec["project"], name=spec["name"],
+        sections=[ws.Section(name=spec["sections"][0]["name"], panels=panels, is_open=True,
+                             layout_settings=ws.SectionLayoutSettings(columns=2, rows=3))],
+        runset_settings=ws.RunsetSettings(filters=filters, pinned_columns=columns),
+    )
+
+
+def wire_view(spec: dict) -> dict:
+    """What `--publish` saves: the workspace's view as W&B's JSON (camelCase, as the server stores it)."""
+    return to_workspace(spec)._to_model().model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def _atomic_write_text(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _dashboard_document(spec: dict) -> dict:
+    doc = dict(spec)
+    try:
+        doc["wandb_view"] = wire_view(spec)
+    except ImportError:
+        doc["wandb_view"] = None
+        doc["wandb_view_note"] = "install wandb-workspaces to build the W&B view (pip install wandb-workspaces)"
+    return doc
+
+
+class DashboardError(Exception):
+    """A publish failure with a message for the user (no traceback)."""
+
+
+def publish(spec: dict) -> str:
+    """Saves the spec's workspace to W&B; returns its URL. Raises DashboardError with a clear message."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        raise DashboardError(f"W&B is {mode} here (WANDB_MODE={mode}): nothing can be published. "
+                             "Run without --publish to print or --out the spec, or unset WANDB_MODE and `wandb login`.")
+    try:
+        _wandb_workspaces()
+    except ImportError:
+        raise DashboardError("--publish needs the wandb-workspaces package: pip install wandb-workspaces") from None
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    import wandb
+
+    try:
+        api = wandb.Api(timeout=30)
+        entity = spec["entity"] or api.default_entity
+    except Exception as e:  # no API key, or the server cannot be reached
+        raise DashboardError(f"cannot reach W&B as a logged-in user ({type(e).__name__}: {e}); "
+                             "log in with `wandb login` (online), or run without --publish") from None
+    if not entity:
+        raise DashboardError("no W&B entity: pass --entity")
+    try:
+        w = to_workspace({**spec, "entity": entity}).save()
+        return w.url
+    except Exception as e:
+        raise DashboardError(f"saving the workspace to W&B failed ({type(e).__name__}: {e})") from None
+
+
+def dashboard_main(argv) -> int:
+    ap = argparse.ArgumentParser(
+        prog="report.py dashboard",
+        description="Writes the W&B workspace of a LoRA sweep (BLEU vs rank per alpha, BLEU vs trainable share, "
+                    "val loss by sweep, parallel coordinates). Without --publish: prints the spec as JSON "
+                    "(or writes it to --out); no network.")
+    ap.add_argument("--project", required=True, help="W&B project (wandb.project; lora3 by default in the app)")
+    ap.add_argument("--entity", help="W&B entity (user or team); --publish defaults to the API key's")
+    ap.add_argument("--sweep-group", help="only runs of this W&B group (wandb.group, or a multirun's "
+                                          "<parent>_<sweep dir>, e.g. rank_alpha)")
+    ap.add_argument("--name", help="the workspace's name (default: 'lora3 LoRA sweep [group]')")
+    ap.add_argument("--out", help="write the spec here (JSON, atomically) instead of printing it")
+    ap.add_argument("--publish", action="store_true", help="save the workspace to W&B (online, logged in)")
+    args = ap.parse_args(argv)
+
+    spec = dashboard_spec(args.project, args.entity, args.sweep_group, name=args.name)
+    if args.publish:
+        try:
+            url = publish(spec)
+        except DashboardError as e:
+            print(f"report.py dashboard: {e}", file=sys.stderr)
+            return 1
+        print(f"report.py dashboard: saved {spec['name']!r} -> {url}")
+        return 0
+    text = json.dumps(_dashboard_document(spec), indent=1) + "\n"
+    if args.out:
+        _atomic_write_text(Path(args.out), text)
+        print(f"report.py dashboard: {len(spec['sections'][0]['panels'])} panels -> {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `dashboard` is a subcommand, unless a directory of that name is given (the report of it, as before)
+    if argv and argv[0] == "dashboard" and not Path("dashboard").is_dir():
+        return dashboard_main(argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="W&B dashboard of a sweep (workspace as code): report.py dashboard --help")
     ap.add_argument("sources", nargs="+", help="sweep/run directories, or wandb:<entity>/<project> (W&B API)")
     ap.add_argument("--out", help="where report.md and the plots go (default: the first directory)")
     ap.add_argument("--wandb-files", action="store_true",

@@ -587,7 +587,7 @@ def render(report):
         rows = [[t["target"], _f(t["value"], "{:.3f}"),
                  " - ".join(f"{x:.3g}" for x in t["limit"]) if isinstance(t["limit"], list) else f"{t['limit']:.3g}",
                  {True: "ok", False: "MISS", None: "n/a"}[t["ok"]]] for t in report["targets"]]
-        parts.append("targets (issue 4)\n" + _table(["target", "value", "limit", ""], rows))
+        parts.append("targets\n" + _table(["target", "value", "limit", ""], rows))
     for s in report["skipped"]:
         parts.append(f"skipped {s['name']} ({s['backend']}): {s['reason']}")
     return "\n\n".join(parts)

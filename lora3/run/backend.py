@@ -8,8 +8,20 @@ with another backend, it raises `BackendMismatch` and the caller runs the job in
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import os
+import platform
 import sys
+import warnings
+
+import lora3
+from lora3.run import distribution
+
+try:
+    import resource
+except ImportError:  # not POSIX
+    resource = None
 
 BACKENDS = ("jax", "tensorflow")
 
@@ -49,14 +61,11 @@ def select(backend: str):
     if current is None:
         os.environ["KERAS_BACKEND"] = backend
         _quiet_env()
-    import keras
+    import keras  # the one place keras is first imported: after KERAS_BACKEND is set above
 
     actual = keras.backend.backend()
     if actual != backend:  # e.g. keras imported half-way through by something else
         raise BackendMismatch(f"asked for backend {backend!r} but keras runs on {actual!r}")
-    import logging
-    import warnings
-
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
 
     # keras-hub's T5 attention layers warn on every trace that they drop Keras masks (they use their own).
@@ -67,13 +76,11 @@ def select(backend: str):
 def start(plain) -> object:
     """The job's keras: `select(backend)`, a clean session (a multirun reuses the process), the dtype
     policy (`trainer.precision`), the seed, and `keras.distribution` (set before the model is built)."""
-    from lora3.run import distribution as dist_mod
-
     keras = select(plain["backend"])
     keras.backend.clear_session()
     keras.config.set_dtype_policy(plain["trainer"]["precision"])
     keras.utils.set_random_seed(plain["seed"])
-    dist = dist_mod.setup(plain.get("distribution"), plain["model"]["family"], keras)
+    dist = distribution.setup(plain.get("distribution"), plain["model"]["family"], keras)
     if dist.mode != "none":
         print(f"[lora3] {dist.describe()}", flush=True)
     return keras
@@ -81,10 +88,6 @@ def start(plain) -> object:
 
 def versions() -> dict:
     """Versions of lora3, keras, keras-hub, the backend library and Python."""
-    import platform
-
-    import lora3
-
     out = {"lora3": lora3.__version__, "python": platform.python_version()}
     for name in ("keras", "keras_hub", "jax", "jaxlib", "tensorflow", "numpy", "wandb", "sacrebleu"):
         mod = sys.modules.get(name)
@@ -95,10 +98,8 @@ def versions() -> dict:
             if name in ("jax", "jaxlib") and backend != "jax" or name == "tensorflow" and backend != "tensorflow":
                 continue
             try:
-                import importlib.metadata as md
-
-                out[name] = md.version(name)
-            except Exception:
+                out[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
                 pass
             continue
         out[name] = getattr(mod, "__version__", None)
@@ -108,14 +109,10 @@ def versions() -> dict:
 def devices() -> list[str]:
     backend = imported_backend()
     try:
-        if backend == "jax":
-            import jax
-
-            return [str(d) for d in jax.devices()]
+        if backend == "jax":  # the backend's module is imported already (keras imported it)
+            return [str(d) for d in sys.modules["jax"].devices()]
         if backend == "tensorflow":
-            import tensorflow as tf
-
-            return [d.name for d in tf.config.list_logical_devices()]
+            return [d.name for d in sys.modules["tensorflow"].config.list_logical_devices()]
     except Exception:
         pass
     return []
@@ -124,25 +121,18 @@ def devices() -> list[str]:
 def peak_memory() -> dict:
     """Peak host RSS (bytes) and, where the backend reports it, peak accelerator memory."""
     out = {}
-    try:
-        import resource
-
+    if resource is not None:
         out["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except Exception:
-        pass
     backend = imported_backend()
     try:
         if backend == "jax":
-            import jax
-
-            dev = jax.devices()[0]
+            dev = sys.modules["jax"].devices()[0]
             if dev.platform != "cpu":
                 stats = dev.memory_stats() or {}
                 if "peak_bytes_in_use" in stats:
                     out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
         elif backend == "tensorflow":
-            import tensorflow as tf
-
+            tf = sys.modules["tensorflow"]
             gpus = tf.config.list_logical_devices("GPU")
             if gpus:
                 out["device_peak_bytes"] = int(tf.config.experimental.get_memory_info(gpus[0].name)["peak"])

@@ -7,7 +7,7 @@ multi-process runs call `keras.distribution.initialize`. This module is the app'
 
 * **Batches that do not divide the data-parallel degree** (`pad_train_batches`, `pad_eval`):
   every batch that reaches a distributed step must split evenly over the `batch` mesh axis
-  (FACTS). lora3 pads a batch of `B` rows to the next multiple `B'` with rows of sample weight 0
+  (keras.distribution splits every batch on the mesh's `batch` axis). lora3 pads a batch of `B` rows to the next multiple `B'` with rows of sample weight 0
   and multiplies the real rows' weights by `B'/B`. Keras' loss is `sum(w * l) / (B' * T)`, so the
   loss, its gradient and the weighted token accuracy are those of the unpadded batch (exact up
   to float rounding): padding, never a crash, never a changed objective.

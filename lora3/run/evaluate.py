@@ -22,6 +22,8 @@ import numpy as np
 import sacrebleu
 
 from lora3.fileio import atomic_write_text
+from lora3.run import distribution as dist_mod
+from lora3.run import train as tr
 
 
 def score_translations(hypotheses: list[str], references: list[str]) -> dict:
@@ -106,8 +108,6 @@ class Split:
 
 def prepare_split(bundle, data, split: str, prefix: str, plain: Mapping[str, Any]) -> Split:
     """Encodes `data`'s `split` ("valid" or "test") for evaluation under the run's limits."""
-    from lora3.run import distribution as dist_mod
-
     d, ev_cfg = plain["data"], plain["eval"]
     pairs = data.valid if split == "valid" else data.test
     n_loss = ev_cfg.get("loss_samples") or len(pairs)
@@ -154,8 +154,6 @@ def validation_fn(bundle, splits: list[Split], plain: Mapping[str, Any]):
 def before_training(bundle, splits: list[Split], plain: Mapping[str, Any], out: Path, tracker) -> dict:
     """Scores the model before training (`eval.before`, always for `finetune=none`); a resumed run
     reads them back from `.before.json`."""
-    from lora3.run import train as tr
-
     resuming = plain["resume"] and tr.list_checkpoints(out)
     if resuming:
         path = out / ".before.json"

@@ -430,7 +430,7 @@ def build(model_cfg: Mapping[str, Any], tokenizer_texts: list[str], *, seed: int
             raise ModelError("model.preset is null and model.config is empty: give one of them")
         task_cls, backbone_cls, tokenizer_cls, pre_cls = _task_classes(family)
         vocab = int(config.pop("vocabulary_size", 1000))
-        keras.utils.set_random_seed(seed)  # before the tokenizer exists (FACTS: seeding after breaks it)
+        keras.utils.set_random_seed(seed)  # before the tokenizer exists: seeding after it makes keras-hub's SentencePiece tokenizer misbehave
         proto, path, cached = train_sentencepiece(tokenizer_texts, vocab, family, cache_dir)
         kwargs = {"has_vision_tokens": False} if family == "gemma3" else {}
         tokenizer = tokenizer_cls(proto=proto, **kwargs)

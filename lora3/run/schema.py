@@ -30,6 +30,10 @@ import re
 import typing
 from typing import Annotated, Any, Mapping, Optional, Union
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora3.config import LoraConfig
@@ -53,8 +57,6 @@ CONF_MODULE = "lora3.run.conf"  # conf/ of the source tree, shipped in the wheel
 
 def _register_resolvers():
     """`${mul:${rank},2}`: alpha = 2r in a sweep (`-m rank=1,2,4 'alpha=${mul:${rank},2}'`)."""
-    from omegaconf import OmegaConf
-
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", lambda *xs: math.prod(xs))
 
@@ -64,9 +66,6 @@ _register_resolvers()
 
 def compose(overrides=(), *, return_hydra_config: bool = False):
     """The app's config composed from `conf/` with `overrides` (Hydra's compose API), not validated."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-
     with initialize_config_module(config_module=CONF_MODULE, version_base="1.3", job_name="lora3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
@@ -416,9 +415,6 @@ def validate(cfg) -> dict:
     Raises:
         AppConfigError: naming every bad key, its value and what would be valid.
     """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     except OmegaConfBaseException as e:

@@ -22,6 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+import wandb
+from lora3.fileio import atomic_write_text
+from lora3.run import backend
+
 MODES = ("offline", "online", "disabled")
 
 
@@ -76,8 +80,6 @@ class Tracker:
 
     def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None):
         if self.active:
-            import wandb
-
             self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
     def finish(self, exit_code: int = 0):
@@ -109,8 +111,6 @@ def start(
         return Tracker(None, mode)
     os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # no telemetry probe (10 s offline) at exit
     os.environ.setdefault("WANDB_SILENT", "true")
-    import wandb
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if wandb.run is not None:  # a run leaked by an earlier job in this process: close it first
@@ -195,9 +195,6 @@ def run_for(plain: Mapping[str, Any], data, out: Path, job: Mapping[str, Any]):
     # keras here, not at the top: this module is imported before the job has chosen the backend
     import keras
     import keras_hub  # noqa: F401  (the model needs it anyway; versions() reports imported modules)
-
-    from lora3.fileio import atomic_write_text
-    from lora3.run import backend
 
     wb = plain["wandb"]
     run_id_file = out / ".wandb_run_id"

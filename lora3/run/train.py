@@ -13,6 +13,9 @@ Checkpoints: `checkpoints/step-<n>/` holding `state.npz` (trainable variables, o
 variables, RNG seed-generator states) and `meta.json` (step, history, best metrics). Each is
 written into a temporary directory and renamed into place, so a directory named `step-<n>` is
 always complete, and an interrupted write is never picked up.
+
+keras is imported inside the functions that need it: the app imports this module before it has
+chosen the backend (`lora3.run.backend.select`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from lora3.errors import Lora3Error
+from lora3.run import distribution as dist_mod
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -407,8 +411,6 @@ def train(
             if step < s <= end:
                 sw = np.array(sw, dtype="float32")
                 sw[(s - 1 - step) * batch_size:(s - step) * batch_size] = np.nan
-        from lora3.run import distribution as dist_mod
-
         x, y, sw, fit_batch = dist_mod.pad_train_batches(x, y, sw, batch_size)
         logger = StepLogger(tracker, log_every, step, lambda s: lr_at(s, **lr_kwargs),
                             skip_nonfinite=skip_nonfinite, skipped_before=skipped_total)

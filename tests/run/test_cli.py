@@ -17,7 +17,7 @@ def smoke(backend_name, cache, *extra):
 
 # ---------------------------------------------------------------- config validation (no keras)
 
-# Bad config values, bad CLI input and malformed files: the table in tests/test_bad_inputs.py.
+# Bad config values, bad CLI input and malformed files: the table in tests/suites/test_bad_inputs.py.
 
 
 def test_default_config_is_valid_and_has_the_user_keys(compose):

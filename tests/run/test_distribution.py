@@ -1,8 +1,8 @@
-"""distribution=data_parallel|model_parallel on simulated CPU devices (issue 6).
+"""distribution=data_parallel|model_parallel on simulated CPU devices.
 
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before JAX starts, and this
 suite's process has started JAX already: the JAX checks run in ONE child process
-(`python tests/test_distribution.py child <out.json>`) that does every check and reports a JSON
+(`python tests/run/test_distribution.py child <out.json>`) that does every check and reports a JSON
 summary; the tests below read it. They are JAX-only by nature (keras.distribution); the
 TensorFlow pass tests the clear refusal instead.
 """

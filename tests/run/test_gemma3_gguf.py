@@ -140,7 +140,7 @@ def test_refuses_other_files_by_name(tmp_path):
 
 @pytest.mark.one_backend
 def test_missing_extra_is_named_before_any_work(monkeypatch, tmp_path):
-    from lora3 import run
+    from lora3.run import job as run
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))

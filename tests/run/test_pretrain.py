@@ -37,7 +37,7 @@ def test_cache_key_follows_config_and_generator_version(smoke_model, monkeypatch
     # the cache dir is configurable and the key is in the directory name
     d = pretrain.base_dir(smoke_model, tmp_path)
     assert d.parent == tmp_path / "bases" and d.name.endswith(k0)
-    with pytest.raises(pretrain.PretrainError, match="unknown keys"):
+    with pytest.raises(pretrain.PretrainError, match="model.base.stepz is not a key of the config.*did you mean model.base.steps"):
         pretrain.base_spec({**smoke_model, "base": {"stepz": 3}})
     with pytest.raises(pretrain.PretrainError, match="steps"):
         pretrain.base_spec({**smoke_model, "base": {"steps": 0}})
@@ -89,6 +89,11 @@ def test_tiny_base_is_built_once_trained_and_loads(smoke_model, lora3_cache, bac
     assert curve and curve[-1]["step"] == smoke_model["base"]["steps"]
     assert all(c["val/loss"] > 0 for c in curve) and "bleu" in info["source_val"]
     assert not list(path.parent.glob(f".{path.name}.tmp-*"))  # nothing half-written left behind
-    bundle = models.build(smoke_model, [], seed=0, cache_dir=lora3_cache)  # no tokenizer text needed
+    from lora3.run import finetune
+
+    # the app resolves the base to its cached preset, then builds from it: no tokenizer text needed
+    model_cfg, origin = finetune.model_source({"model": smoke_model, "data": {"source": "synthetic"},
+                                               "cache_dir": str(lora3_cache)})
+    bundle = models.build(model_cfg, [], seed=0, cache_dir=lora3_cache, info=origin)
     assert bundle.info["base"]["path"] == str(path) and bundle.info["base"]["key"] == info["key"]
     assert bundle.info["params"] == info["params"]

@@ -81,7 +81,7 @@ def test_report_on_fabricated_sweep(tmp_path):
 
 @pytest.mark.one_backend  # reads files; a TensorFlow run's files are the same format
 def test_report_reads_a_real_run_and_its_offline_wandb_files(compose, tmp_path, backend_name, lora3_cache, capsys):
-    from lora3.run.cli import run_job
+    from lora3.run.job import run_job
 
     report = _report_module()
     sweep = tmp_path / "sweep"

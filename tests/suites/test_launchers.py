@@ -1,4 +1,4 @@
-"""Hydra launcher configs (issue 6): submitit_slurm / submitit_local / ray, and a real 2-job submitit_local sweep."""
+"""Hydra launcher configs: submitit_slurm / submitit_local / ray, and a real 2-job submitit_local sweep."""
 
 import json
 import os

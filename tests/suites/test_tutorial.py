@@ -1,16 +1,18 @@
-"""experiment=tutorial (issue 8): the tutorial's recipe as a config, its offline failure, and the recipe
+"""experiment=tutorial: the tutorial's recipe as a config, its offline failure, and the recipe
 end to end on local things (a tiny T5 preset written with save_to_preset, the Multi30K files)."""
 
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 
-from lora3.run.data import REPO_ROOT, can_reach, load, parse_split, slice_rows
+from lora3.run.data import can_reach, load, parse_split, slice_rows
 from lora3.run.job import OfflineError, derive_length, run_job
 from lora3.run.schema import validate
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MULTI30K = REPO_ROOT.parent / "shared" / "data" / "multi30k"
 
 
@@ -29,7 +31,7 @@ def test_tutorial_config_is_the_recipe(compose):
     assert (t["batch_size"], t["lr"], t["weight_decay"], t["epochs"], t["max_steps"]) == (16, 3e-5, 0.0, 3, None)
     assert (t["warmup_steps"], t["schedule"], t["grad_clip"], t["precision"]) == (0, "constant", None, "float32")
     lora = c["lora"]
-    assert (lora["mode"], lora["rank"], lora["alpha"], lora["targets"], lora["dropout"]) == ("lora", 4, 4, "all_linear", 0.0)
+    assert (c["finetune"], lora["rank"], lora["alpha"], lora["targets"], lora["dropout"]) == ("lora", 4, 4, "all_linear", 0.0)
     e = c["eval"]
     assert e["before"] is True and e["every"] is None and e["num_samples"] >= 2999 and e["loss_samples"] is None
 

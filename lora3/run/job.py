@@ -93,8 +93,8 @@ def preflight(plain: Mapping[str, Any], job: Mapping[str, Any] | None = None) ->
         fixes.append("model.preset=<dir> (a local keras-hub preset directory, as written by "
                      "`model.save_to_preset(dir)` on a machine that can download it)")
     if missing["data"]:
-        fixes.append("data=multi30k (the Multi30K de-en files in ../shared/data/multi30k; data.path=<dir> "
-                     "to move them) or data=jsonl data.path=<file.jsonl> (HF translation schema)")
+        fixes.append("data=multi30k (a local copy of Multi30K de-en with data.path=<dir>; downloaded from the "
+                     "official files when online) or data=jsonl data.path=<file.jsonl> (HF translation schema)")
     keep = [o for o in (job or {}).get("overrides", [])
             if not o.lstrip("+~").startswith(("model.preset=", "data=", "data.path=", "hydra."))]
     example = " ".join(["python -m lora3.run", *keep,

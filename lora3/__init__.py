@@ -1,8 +1,9 @@
 """lora3: LoRA for Keras 3 / keras-hub models, written in `keras.ops` only.
 
-Importing `lora3` does not import keras: the backend (`KERAS_BACKEND`) must be
-chosen before keras is first imported, so everything that needs keras is loaded
-lazily on first use.
+Importing `lora3` does not import keras, on purpose: Keras reads `KERAS_BACKEND` once, when it is
+first imported, so a library that imported keras here would fix the backend before its user (or
+the app's `backend=` option) could choose it. The names that need keras are therefore resolved
+on first access (PEP 562 `__getattr__` below); `LoraConfig` and the errors are plain Python.
 
     import os; os.environ["KERAS_BACKEND"] = "jax"
     import keras_hub, lora3
@@ -13,19 +14,23 @@ lazily on first use.
     lora3.save_adapter(model, "adapter/")
 """
 
+import importlib
+
 from lora3.config import LoraConfig
 from lora3.errors import AdapterError, LoraConfigError, Lora3Error
 
 __version__ = "0.1.0"
 
-# Public names that need keras: resolved on first access (PEP 562).
+# Public names that need keras: the module each one lives in, imported on first access.
 _LAZY = {
     "apply_lora": "lora3.surgery",
     "find_targets": "lora3.surgery",
+    "lora_layers": "lora3.surgery",
+    "unload": "lora3.surgery",
     "LoraReport": "lora3.report",
+    "LoRALayer": "lora3.layers",
     "LoRADense": "lora3.layers",
     "LoRAEinsumDense": "lora3.layers",
-    "lora_layers": "lora3.surgery",
     "save_adapter": "lora3.adapters",
     "load_adapter": "lora3.adapters",
     "merge_and_unload": "lora3.adapters",
@@ -38,7 +43,5 @@ __all__ = ["LoraConfig", "AdapterError", "LoraConfigError", "Lora3Error", "__ver
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lora3' has no attribute {name!r}")

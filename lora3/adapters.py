@@ -10,7 +10,7 @@ An adapter directory holds two files, both plain data:
   `<layer.path>/lora_A` `(in_features, rank)` and `<layer.path>/lora_B`
   `(rank, out_features)`: the matrix view, `delta W = s * A @ B` with W as
   `(in_features, out_features)`. (The `lora_A` variable itself is stored
-  `(rank, in_features)` for speed, see `lora3.layers.base`; it is transposed
+  `(rank, in_features)` for speed, see `lora3.layers.lora_layer`; it is transposed
   on the way in and out, so the file format is unchanged.) Weights named in `train_also` (if any) go to
   `extra_weights.safetensors`, keyed by variable path.
 
@@ -23,26 +23,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from keras import ops
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 import lora3
 from lora3.config import LoraConfig
 from lora3.errors import AdapterError, LoraConfigError
+from lora3.fileio import sha256_file, staged_dir
 from lora3.report import LoraReport
 from lora3.surgery import (
-    STATE_ATTR,
-    _parents_of,
-    _reset_compiled_functions,
-    _swap,
     apply_plan,
     backbone_of,
     lora_layers,
+    lora_state,
     make_report,
     plan,
+    reset_compiled_functions,
+    unload,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -79,43 +79,66 @@ def base_fingerprint(model) -> str:
 
     The auto-numbered name, dtype and trainable flags are left out, so the same
     architecture gives the same fingerprint from a task model or its backbone,
-    in any dtype.
+    in any dtype. Adapters record it, and `load_adapter` refuses a base whose
+    fingerprint differs.
+
+    Args:
+        model: a keras-hub task or backbone, or any keras model.
+
+    Returns:
+        16 hex digits, a str.
+
+    Example:
+    >>> import keras
+    >>> def make():
+    ...     return keras.Sequential([keras.Input((4,), name="x"), keras.layers.Dense(2, name="out")])
+    >>> base_fingerprint(make()) == base_fingerprint(make())
+    True
     """
     backbone = backbone_of(model)
-    config = type(backbone).get_config(backbone)  # the class's, not lora3's override
-    config = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS and k != "lora3"}
+    config = {k: v for k, v in backbone.get_config().items() if k not in _VOLATILE_KEYS}
     blob = json.dumps({"class": type(backbone).__name__, "config": config}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _sha256(path, chunk=1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def save_adapter(model, directory, overwrite=True) -> str:
-    """Write the model's LoRA weights and settings to `directory`.
+    """Writes the model's LoRA weights and settings to `directory`.
 
     The directory is written whole or not at all: files go to a temporary
-    directory beside it, which then replaces it. With `overwrite=False` an
-    existing directory is refused.
+    directory beside it, which then replaces it (`lora3.fileio.staged_dir`).
+
+    Args:
+        model: a model with LoRA layers (`apply_lora` or `load_adapter`).
+        directory: str or path. The adapter directory to write.
+        overwrite: bool. With `False` an existing directory is refused.
+
+    Returns:
+        The absolute path of the directory, a str.
+
+    Raises:
+        AdapterError: the model has no LoRA layers, or `directory` exists
+            and `overwrite=False`.
 
     Example:
-    >>> lora3.save_adapter(model, "runs/r8/adapter")   # doctest: +SKIP
+    >>> import os, tempfile, keras_hub, lora3
+    >>> def t5():
+    ...     return keras_hub.models.T5Backbone(vocabulary_size=64, num_layers=1, num_heads=2,
+    ...                                        hidden_dim=16, intermediate_dim=32, key_value_dim=8)
+    >>> backbone = t5()
+    >>> _ = lora3.apply_lora(backbone, rank=2, targets="qv")
+    >>> path = lora3.save_adapter(backbone, os.path.join(tempfile.mkdtemp(), "adapter"))
+    >>> sorted(os.listdir(path))
+    ['adapter.safetensors', 'adapter_config.json']
     """
-    from safetensors.numpy import save_file
-
     wrappers = lora_layers(model)
     if not wrappers:
         raise AdapterError("the model has no LoRA layers to save; call lora3.apply_lora(model, ...) first")
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise AdapterError(f"{directory} already exists; pass overwrite=True or choose another directory")
-    state = getattr(model, STATE_ATTR, None)
-    config = state["config"] if state else LoraConfig(rank=wrappers[0].rank, alpha=wrappers[0].alpha)
+    state = lora_state(model)
+    config = state.lora_config if state else LoraConfig(rank=wrappers[0].rank, alpha=wrappers[0].alpha)
     tensors = {}
     for w in wrappers:
         tensors[f"{w.path}/lora_A"] = np.ascontiguousarray(ops.convert_to_numpy(w.lora_A).T, dtype=np.float32)
@@ -126,10 +149,7 @@ def save_adapter(model, directory, overwrite=True) -> str:
         for v in model.trainable_weights
         if id(v) not in lora_ids
     }
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
+    with staged_dir(directory) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "lora3"})
         if extra:
             save_file(extra, os.path.join(tmp, EXTRA_NAME), metadata={"format": "lora3"})
@@ -141,39 +161,45 @@ def save_adapter(model, directory, overwrite=True) -> str:
             "base_fingerprint": base_fingerprint(model),
             "lora3_version": lora3.__version__,
             "format_version": FORMAT_VERSION,
-            "sha256": _sha256(os.path.join(tmp, WEIGHTS_NAME)),
+            "sha256": sha256_file(os.path.join(tmp, WEIGHTS_NAME)),
             "extra_weights": sorted(extra),
         }
         if extra:
-            meta["extra_sha256"] = _sha256(os.path.join(tmp, EXTRA_NAME))
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            meta["extra_sha256"] = sha256_file(os.path.join(tmp, EXTRA_NAME))
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
-def _replace_dir(new, target):
-    """Move directory `new` to `target`, replacing it; `target` is never half-written."""
-    if not os.path.exists(target):
-        os.rename(new, target)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
-    os.rmdir(old)
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def read_adapter_config(directory) -> dict:
-    """Read and check `adapter_config.json`; raise `AdapterError` naming what is wrong."""
+    """Reads and checks an adapter's `adapter_config.json`.
+
+    Args:
+        directory: str or path. The adapter directory.
+
+    Returns:
+        The JSON object as a dict, plus `"lora_config"`: the `LoraConfig`
+        it describes.
+
+    Raises:
+        AdapterError: the directory or file is missing, the JSON is invalid,
+            a required field is missing or has the wrong type, a layer path
+            is not a model path, or the format is newer than this lora3
+            (the message names the file and the field).
+
+    Example:
+    >>> import os, tempfile, keras_hub, lora3
+    >>> def t5():
+    ...     return keras_hub.models.T5Backbone(vocabulary_size=64, num_layers=1, num_heads=2,
+    ...                                        hidden_dim=16, intermediate_dim=32, key_value_dim=8)
+    >>> backbone = t5()
+    >>> _ = lora3.apply_lora(backbone, rank=2, targets="qv")
+    >>> path = lora3.save_adapter(backbone, os.path.join(tempfile.mkdtemp(), "adapter"))
+    >>> meta = read_adapter_config(path)
+    >>> meta["rank"], meta["base_class"], meta["lora_config"].targets
+    (2, 'T5Backbone', 'qv')
+    """
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     if not os.path.isdir(os.fspath(directory)):
         raise AdapterError(f"adapter directory {os.fspath(directory)!r} does not exist")
@@ -225,18 +251,17 @@ def read_adapter_config(directory) -> dict:
     return meta
 
 
-def _read_tensors(directory, meta, expected: dict, name=WEIGHTS_NAME, digest_key="sha256") -> dict:
-    """Check the tensor file against its recorded hash and the expected keys/shapes.
+def _read_tensors(directory, meta, expected: dict, name=WEIGHTS_NAME, digest_key="sha256") -> str:
+    """Checks a tensor file against its recorded hash and the expected keys/shapes.
 
-    `expected` maps key -> shape. Returns an open reader's tensors lazily:
-    `{key: loader}`, so a large adapter is read one tensor at a time.
+    `expected` maps key -> shape. Reads only the header (no tensor), and
+    returns the file's path for `safe_open`, so a large adapter is later read
+    one tensor at a time.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = os.path.join(os.fspath(directory), name)
     if not os.path.isfile(path):
         raise AdapterError(f"{path} is missing")
-    if _sha256(path) != meta[digest_key]:
+    if sha256_file(path) != meta[digest_key]:
         raise AdapterError(
             f"{path} does not match the sha256 recorded in {CONFIG_NAME}: the file was altered, "
             "truncated or replaced"
@@ -266,19 +291,42 @@ def _read_tensors(directory, meta, expected: dict, name=WEIGHTS_NAME, digest_key
 
 
 def load_adapter(model, directory, trainable=True) -> LoraReport:
-    """Load an adapter saved by `save_adapter` onto `model`.
+    """Loads an adapter saved by `save_adapter` onto `model`.
 
     Applies the surgery the adapter records when the model has no LoRA layers
-    yet (or checks the existing ones match), then assigns A and B. With
-    `trainable=False` the LoRA weights are frozen for inference.
+    yet (or checks the existing ones match), then sets A and B, one layer's
+    tensors in memory at a time.
 
     Everything is checked before the model is touched: a base with another
     fingerprint or other shapes, a missing or extra tensor, a truncated or
     altered file, a malformed config all raise `AdapterError` and leave the
     model as it was.
-    """
-    from safetensors import safe_open
 
+    Args:
+        model: the base model the adapter was trained on (a task or its
+            backbone: both have the same fingerprint).
+        directory: str or path. The adapter directory.
+        trainable: bool. With `False` the LoRA (and `train_also`) weights
+            are frozen, for inference.
+
+    Returns:
+        A `LoraReport`.
+
+    Raises:
+        AdapterError: naming what does not fit or is damaged.
+
+    Example:
+    >>> import os, tempfile, keras_hub, lora3
+    >>> def t5():
+    ...     return keras_hub.models.T5Backbone(vocabulary_size=64, num_layers=1, num_heads=2,
+    ...                                        hidden_dim=16, intermediate_dim=32, key_value_dim=8)
+    >>> backbone = t5()
+    >>> _ = lora3.apply_lora(backbone, rank=2, targets="qv")
+    >>> path = lora3.save_adapter(backbone, os.path.join(tempfile.mkdtemp(), "adapter"))
+    >>> report = lora3.load_adapter(t5(), path, trainable=False)
+    >>> len(report.rows), report.trainable_params
+    (6, 0)
+    """
     meta = read_adapter_config(directory)
     config = meta["lora_config"]
     fingerprint = base_fingerprint(model)
@@ -308,7 +356,7 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
             planned = plan(model, config, layer_paths=paths)
         except LoraConfigError as exc:
             raise AdapterError(f"adapter in {os.fspath(directory)} does not fit this model: {exc}") from None
-        features = {p: entry[3] for p, entry in planned.items()}
+        features = {p: (entry.in_features, entry.out_features) for p, entry in planned.items()}
     expected = {}
     for p, (fan_in, fan_out) in features.items():
         expected[f"{p}/lora_A"] = (fan_in, config.rank)
@@ -353,33 +401,46 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
             for n in extra_names:
                 variables[n].assign(f.get_tensor(n))
                 variables[n].trainable = trainable
-    _reset_compiled_functions(model)
+    reset_compiled_functions(model)
     return make_report(model)
 
 
 def merge_and_unload(model):
-    """Merge every adapter into its kernel and put the original layers back.
+    """Merges every adapter into its kernel and puts the original layers back.
 
-    Returns the same model object, now a plain keras-hub model: no lora3 layer
-    is left, the kernels hold `W + s * A @ B`, and the trainable flags are those
-    the model had before `apply_lora`. Its `save_to_preset` directory loads with
-    stock keras-hub.
+    Args:
+        model: a model with LoRA layers.
+
+    Returns:
+        The same model object, now a plain keras(-hub) model: no lora3 layer
+        is left, the kernels hold `W + s * A @ B`, and the trainable flags are
+        those the model had before `apply_lora` (see `lora3.surgery.unload`).
+        Its `save_to_preset` directory loads with stock keras-hub.
+
+    Raises:
+        AdapterError: the model has no LoRA layers.
+
+    Example:
+    >>> import keras, numpy as np
+    >>> class Block(keras.layers.Layer):
+    ...     def __init__(self, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.proj = keras.layers.Dense(4, name="proj")
+    ...     def call(self, x):
+    ...         return self.proj(x)
+    >>> model = keras.Sequential([keras.Input((4,)), Block(name="block")])
+    >>> _ = lora3.apply_lora(model, rank=2, targets=".*block/proj")
+    >>> for w in lora3.lora_layers(model):
+    ...     _ = w.lora_B.assign(np.ones(w.lora_B.shape, "float32"))
+    >>> x = np.ones((1, 4), "float32")
+    >>> y = keras.ops.convert_to_numpy(model(x))
+    >>> merged = merge_and_unload(model)
+    >>> lora3.lora_layers(merged), bool(np.allclose(merged(x), y, atol=1e-5))
+    ([], True)
     """
     wrappers = lora_layers(model)
     if not wrappers:
         raise AdapterError("the model has no LoRA layers to merge")
-    table = _parents_of(model)
-    state = getattr(model, STATE_ATTR, None) or {}
     for w in wrappers:
         w.merge()
-        for parent in table[id(w)][1]:
-            _swap(parent, w, w.wrapped)
-        w.wrapped.trainable = state.get("wrapped_trainable", {}).get(w.path, True)
-    for _, (variable, flag) in state.get("trainable_flags", {}).items():
-        variable.trainable = flag
-    if "get_config" in vars(model):
-        object.__delattr__(model, "get_config")
-    if STATE_ATTR in vars(model):
-        object.__delattr__(model, STATE_ATTR)
-    _reset_compiled_functions(model)
-    return model
+    return unload(model)

@@ -2,8 +2,8 @@
 
 `LoraConfig` is also the `lora` node of the app's typed config (`lora3.run.schema`): its field
 types are ones OmegaConf can check (`Any` where a value may be a string or a list), and
-`__post_init__` is the one place where rank, alpha and dropout are checked
-(`check_scale`, which the layers call too).
+`check_scale` is the one place where rank, alpha and dropout are checked (`LoraConfig` and every
+LoRA layer call it), `check_init` the one place for `init`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,28 @@ from lora3.errors import LoraConfigError
 INITS = ("kaiming", "gaussian")
 
 
-
 def check_scale(rank, alpha, dropout) -> None:
-    """Raises `LoraConfigError` unless rank is a positive int, alpha a positive finite number and
-    dropout a number in [0, 1): the checks `LoraConfig` and every LoRA layer share."""
+    """Checks the numbers that set a LoRA update's size.
+
+    The checks `LoraConfig` and every LoRA layer share: `rank` a positive
+    int, `alpha` a positive finite number, `dropout` a number in `[0, 1)`.
+    Booleans are refused for all three.
+
+    Args:
+        rank: int. The rank `r` of the update.
+        alpha: float. The scaling numerator.
+        dropout: float. The dropout rate on the LoRA branch's input.
+
+    Raises:
+        LoraConfigError: naming the first bad value.
+
+    Example:
+    >>> check_scale(8, 16.0, 0.0)
+    >>> check_scale(0, 16.0, 0.0)
+    Traceback (most recent call last):
+    ...
+    lora3.errors.LoraConfigError: rank must be a positive integer, got rank=0
+    """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise LoraConfigError(f"rank must be a positive integer, got rank={rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
@@ -29,31 +47,80 @@ def check_scale(rank, alpha, dropout) -> None:
         raise LoraConfigError(f"dropout must be a number in [0, 1), got dropout={dropout!r}")
 
 
+def check_init(init) -> None:
+    """Checks the name of A's initialiser (one of `INITS`).
+
+    Args:
+        init: str. `"kaiming"` or `"gaussian"`.
+
+    Raises:
+        LoraConfigError: quoting the bad value and the valid ones.
+
+    Example:
+    >>> check_init("kaiming")
+    >>> check_init("xavier")
+    Traceback (most recent call last):
+    ...
+    lora3.errors.LoraConfigError: init='xavier' is not valid: it must be one of kaiming, gaussian
+    """
+    if init not in INITS:
+        raise LoraConfigError(f"init={init!r} is not valid: it must be one of {', '.join(INITS)}")
+
+
+def scaling(rank, alpha, rslora=False) -> float:
+    """The factor `s` of the update `s * A @ B`: `alpha / rank`, or `alpha / sqrt(rank)` (rsLoRA).
+
+    Args:
+        rank: int. The rank of the update.
+        alpha: float. The scaling numerator.
+        rslora: bool. Use rank-stabilised scaling.
+
+    Returns:
+        The scaling factor, a float.
+
+    Example:
+    >>> scaling(4, 8.0), scaling(4, 8.0, rslora=True)
+    (2.0, 4.0)
+    """
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
 @dataclasses.dataclass
 class LoraConfig:
     """LoRA hyper-parameters and the choice of layers to adapt.
 
+    Every field is checked when the config is made (not when a field is
+    assigned later): a bad value raises `LoraConfigError` naming the field
+    and the value. `targets`, `layers` and `train_also` are normalised (a
+    one-element `targets` list becomes its string, lists become tuples).
+
     Args:
-        rank: rank `r` of the update `A @ B` (A: in x r, B: r x out).
-        alpha: scaling numerator: the update is multiplied by `alpha / rank`
-            (or `alpha / sqrt(rank)` with `rslora=True`).
-        targets: role names (`q`, `k`, `v`, `o`, `gate`, `up`, `down`), groups
-            (`qv`, `attention`, `mlp`, `all_linear`), a regex matched with
-            `re.fullmatch` against `layer.path`, or a list of these.
-        dropout: dropout on the LoRA branch's input, in [0, 1).
-        rslora: use rank-stabilised scaling `alpha / sqrt(rank)`.
-        init: initialiser of A, `"kaiming"` (uniform, as PEFT) or `"gaussian"`
-            (normal with std `1/rank`, as PEFT's `init_lora_weights="gaussian"`).
-            B always starts at zero, so a fresh adapter changes nothing.
-        layers: restrict to block indices: an int or a list of ints, `"encoder"`
-            / `"decoder"` (T5), or `"encoder.3"` / `"decoder.0"` for one block.
-        train_also: regexes (`re.search` on the variable path) or the shortcuts
-            `"layer_norm"` and `"bias"`: these non-LoRA weights stay trainable.
+        rank: int. Rank `r` of the update `A @ B` (A: in x r, B: r x out).
+        alpha: float. Scaling numerator: the update is multiplied by
+            `alpha / rank` (or `alpha / sqrt(rank)` with `rslora=True`).
+        targets: str or list of str. Role names (`q`, `k`, `v`, `o`,
+            `gate`, `up`, `down`), groups (`qv`, `attention`, `mlp`,
+            `all_linear`), or regexes matched with `re.fullmatch` against
+            `layer.path` (see `lora3.targets`).
+        dropout: float. Dropout on the LoRA branch's input, in `[0, 1)`.
+        rslora: bool. Use rank-stabilised scaling `alpha / sqrt(rank)`.
+        init: str. Initialiser of A: `"kaiming"` (uniform, as PEFT) or
+            `"gaussian"` (normal with std `1/rank`, as PEFT's
+            `init_lora_weights="gaussian"`). B always starts at zero, so a
+            fresh adapter changes nothing.
+        layers: `None`, int, str or a list of them. Restrict to block
+            indices: an int, `"encoder"` / `"decoder"` (T5), or
+            `"encoder.3"` / `"decoder.0"` for one block.
+        train_also: str or list of str. Regexes (`re.search` on the
+            variable path) or the shortcuts `"layer_norm"` and `"bias"`:
+            these non-LoRA weights stay trainable.
 
     Example:
     >>> cfg = LoraConfig(rank=4, alpha=8, targets=["q", "v"])
-    >>> cfg.scaling
-    2.0
+    >>> cfg.scaling, cfg.targets
+    (2.0, ('q', 'v'))
+    >>> LoraConfig.from_dict(cfg.to_dict()) == cfg
+    True
     """
 
     rank: int = 8
@@ -69,20 +136,15 @@ class LoraConfig:
         check_scale(self.rank, self.alpha, self.dropout)
         if not isinstance(self.rslora, bool):
             raise LoraConfigError(f"rslora must be true or false, got rslora={self.rslora!r}")
-        if self.init not in INITS:
-            raise LoraConfigError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
-        targets = self.targets
-        if isinstance(targets, str):
-            targets = [targets]
-        targets = list(targets)
+        check_init(self.init)
+        targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise LoraConfigError(
                 f"targets must be a non-empty string or list of strings, got targets={self.targets!r}"
             )
-        object.__setattr__(self, "targets", targets[0] if len(targets) == 1 else tuple(targets))
-        layers = self.layers
-        if layers is not None:
-            items = [layers] if isinstance(layers, (int, str)) else list(layers)
+        self.targets = targets[0] if len(targets) == 1 else tuple(targets)
+        if self.layers is not None:
+            items = [self.layers] if isinstance(self.layers, (int, str)) else list(self.layers)
             for item in items:
                 if isinstance(item, bool) or not isinstance(item, (int, str)):
                     raise LoraConfigError(
@@ -90,23 +152,33 @@ class LoraConfig:
                     )
                 if isinstance(item, int) and item < 0:
                     raise LoraConfigError(f"layers entries must be >= 0, got {item}")
-            object.__setattr__(self, "layers", tuple(items))
-        train_also = self.train_also
-        if isinstance(train_also, str):
-            train_also = [train_also]
-        object.__setattr__(self, "train_also", tuple(train_also or ()))
-        object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "dropout", float(self.dropout))
+            self.layers = tuple(items)
+        train_also = [self.train_also] if isinstance(self.train_also, str) else list(self.train_also or ())
+        if not all(isinstance(t, str) and t for t in train_also):
+            raise LoraConfigError(
+                f"train_also must be a string or a list of strings, got train_also={self.train_also!r}"
+            )
+        self.train_also = tuple(train_also)
+        self.alpha = float(self.alpha)
+        self.dropout = float(self.dropout)
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+        """The factor `s` of the update `s * A @ B` (see `lora3.config.scaling`)."""
+        return scaling(self.rank, self.alpha, self.rslora)
 
     @property
     def target_list(self) -> list[str]:
+        """`targets` as a list, whether it holds one entry or several."""
         return [self.targets] if isinstance(self.targets, str) else list(self.targets)
 
     def to_dict(self) -> dict:
+        """The fields as JSON-ready data (lists, not tuples); `from_dict` reads it back.
+
+        Example:
+        >>> LoraConfig(rank=2, targets="qv", layers=[0, 1]).to_dict()["layers"]
+        [0, 1]
+        """
         d = dataclasses.asdict(self)
         d["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
         d["layers"] = None if self.layers is None else list(self.layers)
@@ -115,6 +187,19 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoraConfig":
+        """A `LoraConfig` from `to_dict()`'s output (missing fields take their defaults).
+
+        Args:
+            d: dict. Field names to values.
+
+        Raises:
+            LoraConfigError: for a key that is not a field (naming the valid
+                ones), or any value `LoraConfig` refuses.
+
+        Example:
+        >>> LoraConfig.from_dict({"rank": 4}).rank
+        4
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:

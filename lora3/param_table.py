@@ -6,6 +6,8 @@ surgery is counted on it. `scripts/param_table.py` is the command-line face.
 
 from __future__ import annotations
 
+import lora3  # lazy: importing it does not import keras (see lora3/__init__.py)
+
 # Architecture configs of well-known presets (keras-hub names), so the table
 # needs no download. FLAN-T5-base: the tutorial's model.
 ARCHITECTURES = {
@@ -25,7 +27,26 @@ ARCHITECTURES = {
 
 
 def build_backbone(name_or_class, config=None):
-    """A backbone from a known architecture name, or a class name and a config dict."""
+    """A randomly initialised keras-hub backbone, without downloading anything.
+
+    Args:
+        name_or_class: str. A key of `ARCHITECTURES` (then `config` is
+            `None`), or a `keras_hub.models` backbone class name.
+        config: dict or None. The backbone's constructor arguments.
+
+    Returns:
+        The backbone.
+
+    Raises:
+        ValueError: an unknown architecture name (listing the known ones).
+
+    Example:
+    >>> backbone = build_backbone("T5Backbone", dict(vocabulary_size=64, num_layers=1,
+    ...     num_heads=2, hidden_dim=16, intermediate_dim=32, key_value_dim=8))
+    >>> type(backbone).__name__
+    'T5Backbone'
+    """
+    # keras-hub only here, where a model family is named: the rest of lora3 needs keras alone.
     import keras_hub
 
     if config is None:
@@ -37,13 +58,25 @@ def build_backbone(name_or_class, config=None):
 
 
 def param_table(backbone_factory, ranks=(4, 8, 16), target_groups=("qv", "attention", "all_linear")):
-    """Rows of `{targets, rank, layers, lora_params, total_params, base_params, percent}`.
+    """LoRA parameter counts for each (targets, rank) pair on one architecture.
 
-    `backbone_factory()` must return a fresh backbone: each surgery needs one.
+    Args:
+        backbone_factory: callable returning a fresh backbone (built once;
+            each surgery is merged away again before the next).
+        ranks: tuple of int. The ranks to count.
+        target_groups: tuple of str. The `targets` to count.
+
+    Returns:
+        A list of dicts with `targets`, `rank`, `layers` (adapted layers),
+        `lora_params`, `base_params`, `total_params` and `percent_of_base`.
+
+    Example:
+    >>> rows = param_table(lambda: build_backbone("T5Backbone", dict(vocabulary_size=64,
+    ...     num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32, key_value_dim=8)),
+    ...     ranks=(2,), target_groups=("qv",))
+    >>> rows[0]["layers"], rows[0]["lora_params"]
+    (6, 384)
     """
-    import lora3
-    from lora3.adapters import merge_and_unload
-
     rows = []
     backbone = backbone_factory()
     base = backbone.count_params()
@@ -59,11 +92,27 @@ def param_table(backbone_factory, ranks=(4, 8, 16), target_groups=("qv", "attent
                 "total_params": base + report.lora_params,
                 "percent_of_base": 100.0 * report.lora_params / base,
             })
-            merge_and_unload(backbone)  # B is zero: merging leaves the base unchanged
+            lora3.merge_and_unload(backbone)  # B is zero: merging leaves the base unchanged
     return rows
 
 
 def format_markdown(rows, title=None) -> str:
+    """`param_table` rows as a Markdown table (under a `### title` heading if given).
+
+    Args:
+        rows: list of dict. `param_table`'s result.
+        title: str or None. A heading above the table.
+
+    Returns:
+        The Markdown text, a str.
+
+    Example:
+    >>> print(format_markdown([{"targets": "qv", "rank": 8, "layers": 72, "lora_params": 884736,
+    ...                         "percent_of_base": 0.357, "base_params": 247577856}]))
+    | targets | rank | adapted layers | LoRA params | % of base | base params |
+    |---|---:|---:|---:|---:|---:|
+    | `qv` | 8 | 72 | 884,736 | 0.357% | 247,577,856 |
+    """
     lines = [f"### {title}", ""] if title else []
     lines += [
         "| targets | rank | adapted layers | LoRA params | % of base | base params |",

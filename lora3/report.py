@@ -1,48 +1,166 @@
-"""`LoraReport`: what a surgery changed, as data and as a printable table."""
+"""`LoraReport`: what a surgery changed, as data and as a printable table. No keras import."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+
+from lora3.config import LoraConfig
+
+
+def count_params(variables) -> int:
+    """The number of float parameters in `variables`, each variable counted once.
+
+    Integer variables (step counters, seeds) are not parameters; a variable
+    listed twice (shared weights) counts once.
+
+    Args:
+        variables: iterable of keras variables (anything with `shape` and `dtype`).
+
+    Returns:
+        The total number of elements, an int.
+
+    Example:
+    >>> import keras
+    >>> dense = keras.layers.Dense(3)
+    >>> dense.build((None, 4))
+    >>> count_params(dense.weights + dense.weights)
+    15
+    """
+    seen, total = set(), 0
+    for v in variables:
+        if id(v) in seen or "float" not in str(v.dtype):
+            continue
+        seen.add(id(v))
+        total += math.prod(int(d) for d in v.shape)
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaptedLayer:
+    """One adapted layer: where it is, what it does, how big its adapter is.
+
+    Args:
+        path: str. The layer path (`layer.path`), the key of its adapter tensors.
+        role: str or None. Its role (`q`, `down`, ...), `None` when chosen by a
+            regex on a model without a role map.
+        kind: str. The wrapped layer's class name, `"Dense"` or `"EinsumDense"`.
+        in_features: int. Rows of the kernel's matrix view.
+        out_features: int. Columns of the kernel's matrix view.
+        rank: int. The adapter's rank.
+
+    Example:
+    >>> row = AdaptedLayer("block/query", "q", "Dense", 16, 8, rank=2)
+    >>> row.lora_params
+    48
+    """
+
     path: str
     role: str | None
-    kind: str  # "Dense" or "EinsumDense"
+    kind: str
     in_features: int
     out_features: int
-    lora_params: int
+    rank: int
+
+    @property
+    def lora_params(self) -> int:
+        """`rank * (in_features + out_features)`: the sizes of A and B."""
+        return self.rank * (self.in_features + self.out_features)
+
+    @classmethod
+    def from_wrapper(cls, wrapper, role=None) -> "AdaptedLayer":
+        """The row of a built `lora3.layers.LoRALayer`.
+
+        Args:
+            wrapper: a built `LoRALayer`.
+            role: str or None. The role the surgery gave it.
+
+        Example:
+        >>> import keras
+        >>> from lora3.layers import LoRADense
+        >>> dense = keras.layers.Dense(3, name="proj")
+        >>> dense.build((None, 4))
+        >>> AdaptedLayer.from_wrapper(LoRADense(dense, rank=1, alpha=1), role="o")
+        AdaptedLayer(path='proj', role='o', kind='Dense', in_features=4, out_features=3, rank=1)
+        """
+        return cls(wrapper.path, role, type(wrapper.wrapped).__name__, wrapper.in_features,
+                   wrapper.out_features, wrapper.rank)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraReport:
-    """Adapted layers and parameter totals after `apply_lora`.
+    """Adapted layers and parameter totals after `apply_lora` or `load_adapter`.
 
     `trainable_params` counts every weight left trainable (LoRA plus
     `train_also`); `total_params` counts every weight of the model, LoRA
-    included (as PEFT's `print_trainable_parameters`).
+    included (as PEFT's `print_trainable_parameters`). `str(report)` is the
+    table.
+
+    Args:
+        rows: tuple of `AdaptedLayer`, in path order.
+        trainable_params: int. Trainable float parameters of the model.
+        total_params: int. All float parameters of the model.
+        config: the `LoraConfig` of the surgery, or `None` when unknown.
+
+    Example:
+    >>> rows = (AdaptedLayer("block/query", "q", "Dense", 16, 16, rank=2),
+    ...         AdaptedLayer("block/value", "v", "Dense", 16, 16, rank=2))
+    >>> report = LoraReport(rows, trainable_params=128, total_params=1128,
+    ...                     config=LoraConfig(rank=2, alpha=4))
+    >>> report.lora_params, report.base_params, round(report.percent, 2)
+    (128, 1000, 11.35)
+    >>> print(report)
+    layer path   role  kind   in  out  LoRA params
+    -----------  ----  -----  --  ---  -----------
+    block/query  q     Dense  16   16           64
+    block/value  v     Dense  16   16           64
+    2 layers adapted (rank=2, alpha=4, scaling=2); trainable params: 128 || all params: 1,128 || trainable%: 11.3475
     """
 
     rows: tuple
     trainable_params: int
     total_params: int
-    base_params: int
-    rank: int
-    alpha: float
-    scaling: float
+    config: LoraConfig | None = None
 
     @property
     def lora_params(self) -> int:
+        """LoRA parameters of all adapted layers."""
         return sum(r.lora_params for r in self.rows)
 
     @property
+    def base_params(self) -> int:
+        """Parameters of the model without its adapters: `total_params - lora_params`."""
+        return self.total_params - self.lora_params
+
+    @property
     def percent(self) -> float:
+        """Trainable parameters as a percentage of all parameters."""
         return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
 
+    @property
+    def rank(self) -> int:
+        """The surgery's rank (0 when the config is unknown)."""
+        return self.config.rank if self.config else 0
+
+    @property
+    def alpha(self) -> float:
+        """The surgery's alpha (0.0 when the config is unknown)."""
+        return self.config.alpha if self.config else 0.0
+
+    @property
+    def scaling(self) -> float:
+        """The surgery's scaling `alpha / rank` (or `alpha / sqrt(rank)`; 0.0 when unknown)."""
+        return self.config.scaling if self.config else 0.0
+
     def to_dict(self) -> dict:
+        """The report as JSON-ready data (per-layer rows and the totals).
+
+        Example:
+        >>> LoraReport((), trainable_params=0, total_params=10).to_dict()["base_params"]
+        10
+        """
         return {
-            "layers": [dataclasses.asdict(r) for r in self.rows],
+            "layers": [{**dataclasses.asdict(r), "lora_params": r.lora_params} for r in self.rows],
             "adapted_layers": len(self.rows),
             "lora_params": self.lora_params,
             "trainable_params": self.trainable_params,
@@ -55,6 +173,17 @@ class LoraReport:
         }
 
     def table(self, max_rows: int | None = None) -> str:
+        """The report as a text table, one line per adapted layer, then the totals.
+
+        Args:
+            max_rows: int or None. Show at most this many layers (then a
+                `... N more layers` line).
+
+        Returns:
+            The table, a str (what `str(report)` gives with every row).
+
+        Example: see the class (`print(report)`).
+        """
         header = ("layer path", "role", "kind", "in", "out", "LoRA params")
         rows = [
             (r.path, r.role or "-", r.kind, str(r.in_features), str(r.out_features), f"{r.lora_params:,}")

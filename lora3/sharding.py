@@ -2,7 +2,7 @@
 
 Nothing here is home-made parallelism: the mesh is a `keras.distribution.DeviceMesh`, data
 parallelism is `keras.distribution.DataParallel`, model parallelism is
-`keras.distribution.ModelParallel` with a `keras.distribution.LayoutMap`, What lora3 adds is the part keras-hub does not ship:
+`keras.distribution.ModelParallel` with a `keras.distribution.LayoutMap`. What lora3 adds is the part keras-hub does not ship:
 
 * **Layouts that cover LoRA** (`layout_map`, `LoraModelParallel`). keras-hub has no layout map for
   T5, and `GemmaBackbone.get_layout_map` leaves LoRA variables replicated and fails when the
@@ -38,14 +38,17 @@ parallelism is `keras.distribution.DataParallel`, model parallelism is
 On TensorFlow, Keras 3.15's `keras.distribution` has no DataParallel/ModelParallel trainer
 support (its TensorFlow distribution module only lists devices), and lora3 does not wrap
 `tf.distribute`: `distribution=data_parallel|model_parallel` with `backend=tensorflow` fails at
-once, saying that they need `backend=jax` (see `check_backend`).
+once, saying that they need `backend=jax`.
+
+`keras` is imported inside `layout_map` and `model_parallel_class` only: the app validates
+`distribution.*` settings (`rules_for`, `DistributionError`) before the backend is chosen, and
+importing keras would fix it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-
 
 from lora3.errors import Lora3Error
 
@@ -54,7 +57,14 @@ BATCH_AXIS, MODEL_AXIS = "batch", "model"
 
 
 class DistributionError(Lora3Error):
-    """The distribution config cannot be honoured (backend, mesh, shapes, batch sizes)."""
+    """The distribution config cannot be honoured (backend, mesh, shapes, batch sizes).
+
+    Example:
+    >>> rules_for("bert")
+    Traceback (most recent call last):
+    ...
+    lora3.sharding.DistributionError: distribution=model_parallel has layouts for model.family in ['gemma', 'gemma3', 't5'], not 'bert'
+    """
 
 
 # ---------------------------------------------------------------- layout rules
@@ -63,10 +73,19 @@ class DistributionError(Lora3Error):
 class Rule:
     """How one family of kernels is split on the model axis.
 
-    pattern: regex (fullmatch) on the *layer* path (the kernel is `<layer>/kernel`, LoRA's
-      `<layer>/lora_A`, `<layer>/lora_B`); kind: column | row | embedding;
-    axis: which kernel axis is split; dims: names of the kernel's axes (for messages);
-    fallback: another axis to try when `axis` does not divide (embeddings only).
+    Args:
+        pattern: str. Regex (`re.fullmatch`) on the *layer* path (the kernel
+            is `<layer>/kernel`, LoRA's `<layer>/lora_A`, `<layer>/lora_B`).
+        kind: str. `"column"`, `"row"` or `"embedding"`.
+        axis: int. Which kernel axis is split.
+        dims: tuple of str. Names of the kernel's axes (for messages).
+        fallback: int or None. Another axis to try when `axis` does not
+            divide (embeddings only).
+
+    Example:
+    >>> rule = rules_for("t5")[0]
+    >>> rule.kind, rule.axis, rule.dims[rule.axis]
+    ('column', 1, 'num_heads*key_value_dim')
     """
 
     pattern: str
@@ -97,6 +116,21 @@ FAMILY_RULES = {"t5": T5_RULES, "gemma": GEMMA_RULES, "gemma3": GEMMA_RULES}
 
 
 def rules_for(family: str) -> tuple:
+    """The layout `Rule`s of a model family.
+
+    Args:
+        family: str. `"t5"`, `"gemma"` or `"gemma3"`.
+
+    Returns:
+        A tuple of `Rule`s (projections only; embeddings are `EMBEDDING_RULES`).
+
+    Raises:
+        DistributionError: for a family without rules (naming those with).
+
+    Example:
+    >>> [r.pattern for r in rules_for("gemma") if r.kind == "row"]
+    ['.*attention/attention_output', '.*/ffw_linear']
+    """
     if family not in FAMILY_RULES:
         raise DistributionError(
             f"distribution=model_parallel has layouts for model.family in {sorted(FAMILY_RULES)}, not {family!r}"
@@ -119,8 +153,24 @@ def layout_map(family: str, device_mesh, kernel_ndim: int | None = None):
     module docstring for which side each adapter matrix is split on, and why). Used as is with
     `keras.distribution.ModelParallel` it is correct whenever every split dimension divides the
     model axis; `LoraModelParallel` adds the per-shape check and the replicate/error fallback.
+
+    Args:
+        family: str. `"t5"`, `"gemma"` or `"gemma3"`.
+        device_mesh: a `keras.distribution.DeviceMesh` with a `"model"` axis.
+        kernel_ndim: int or None. The kernels' rank, if not the rule's.
+
+    Returns:
+        A `keras.distribution.LayoutMap`.
+
+    Example:
+    >>> import keras
+    >>> mesh = keras.distribution.DeviceMesh((1, 1), ("batch", "model"),
+    ...                                      keras.distribution.list_devices()[:1])
+    >>> lm = layout_map("t5", mesh)
+    >>> lm[".*_attention/(query|key|value)_projector/lora_B"].axes
+    (None, 'model')
     """
-    import keras
+    import keras  # here, not at the top: see the module docstring
 
     lm = keras.distribution.LayoutMap(device_mesh)
     for rule in rules_for(family):
@@ -138,7 +188,18 @@ def layout_map(family: str, device_mesh, kernel_ndim: int | None = None):
 
 
 def model_parallel_class():
-    import keras
+    """The class `LoraModelParallel`, a `keras.distribution.ModelParallel` (defined on first call).
+
+    A factory, so that importing `lora3.sharding` does not import keras (see the module docstring).
+
+    Returns:
+        The class; construct it as `cls(family=..., device_mesh=..., on_indivisible=...)`.
+
+    Example:
+    >>> model_parallel_class().__name__
+    'LoraModelParallel'
+    """
+    import keras  # here, not at the top: see the module docstring
 
     class LoraModelParallel(keras.distribution.ModelParallel):
         """`keras.distribution.ModelParallel` whose layouts come from lora3's rules, checked per shape.

@@ -6,23 +6,439 @@ wrapper)` raises. The swap below replaces the layer by object identity in the
 parent's attributes, lists and dicts, and in the tracker's layer store, which
 is what `setattr` would have done on an unbuilt layer. Wrappers are built under
 the wrapped layer's parent path, so `wrapper.path == layer.path`.
+
+What a surgery did is kept on the model as `model._lora3` (a `LoraState`): the
+config, each adapted layer's role, and the trainable flags to restore on
+`unload`. Keras' `model.save("x.keras")` writes it into the archive (see
+`LoraState`), so `lora3.load_model` can replay the surgery.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from typing import NamedTuple
 
 import keras
 
+from lora3 import targets as targets_lib
 from lora3.config import LoraConfig
 from lora3.errors import LoraConfigError
+from lora3.fileio import atomic_write_text
 from lora3.layers import LoRADense, LoRAEinsumDense, LoRALayer
-from lora3.report import AdaptedLayer, LoraReport
-from lora3 import targets as targets_lib
+from lora3.report import AdaptedLayer, LoraReport, count_params
 
-# `model._lora3` holds what the surgery did, for saving, reporting and undoing it.
+# The attribute of the model that holds its `LoraState`, and the file that state becomes in a
+# `.keras` archive (`assets/<attribute path>/_lora3/lora3.json`).
 STATE_ATTR = "_lora3"
+STATE_FILE = "lora3.json"
 TRAIN_ALSO_SHORTCUTS = {"layer_norm": r"norm", "bias": r"/bias$"}
+# The wrapper class for each keras layer class lora3 adapts (looked up along the layer's MRO,
+# so subclasses of Dense/EinsumDense are adapted too).
+WRAPPERS = {keras.layers.Dense: LoRADense, keras.layers.EinsumDense: LoRAEinsumDense}
+
+
+class PlannedLayer(NamedTuple):
+    """One layer a checked surgery will wrap (an entry of `plan()`'s result).
+
+    Args:
+        layer: the keras layer to wrap.
+        role: str or None. Its role (`q`, `down`, ...).
+        parents: list of the layers that hold it (it is replaced in each).
+        in_features: int. Rows of its kernel's matrix view.
+        out_features: int. Columns of its kernel's matrix view.
+
+    Example:
+    >>> import keras_hub
+    >>> from lora3.config import LoraConfig
+    >>> backbone = keras_hub.models.T5Backbone(vocabulary_size=64, num_layers=1,
+    ...     num_heads=2, hidden_dim=16, intermediate_dim=32, key_value_dim=8)
+    >>> entry = plan(backbone, LoraConfig(rank=2, targets="down"))["transformer_encoder_layer_0/output_projector"]
+    >>> entry.role, entry.in_features, entry.out_features
+    ('down', 32, 16)
+    """
+
+    layer: keras.layers.Layer
+    role: str | None
+    parents: list
+    in_features: int
+    out_features: int
+
+
+class LoraState(keras.layers.Layer):
+    """What `apply_lora` did to a model, kept on it as `model._lora3`.
+
+    Not a layer of the network: it is never called, holds no weights and is
+    not tracked by the model (it is set with `object.__setattr__`, so it is
+    in no layer or weight list). It is a `keras.layers.Layer` so that keras'
+    `model.save()` finds it: saving visits every saveable object among
+    `dir(model)` and calls its `save_assets`, which writes the surgery (the
+    config and the adapted layer paths) as `lora3.json` into the archive.
+    `lora3.load_model` reads it back and replays the surgery.
+
+    Args:
+        lora_config: the `LoraConfig` of the surgery.
+        roles: dict. Adapted layer path -> role (or `None`), in model order.
+        trainable_flags: dict. `id(variable)` -> its `trainable` flag before
+            the surgery, for every weight of the model.
+        wrapped_trainable: dict. Adapted layer path -> the wrapped layer's
+            `trainable` flag before the surgery.
+
+    Example:
+    >>> state = LoraState(LoraConfig(rank=2), {"block/query": "q"}, {}, {})
+    >>> state.record()
+    {'config': {'rank': 2, 'alpha': 16.0, 'targets': 'qv', 'dropout': 0.0, 'rslora': False, 'init': 'kaiming', 'layers': None, 'train_also': []}, 'layer_paths': ['block/query']}
+    """
+
+    def __init__(self, lora_config, roles, trainable_flags, wrapped_trainable, **kwargs):
+        super().__init__(**kwargs)
+        self.lora_config = lora_config
+        self.roles = dict(roles)
+        self.trainable_flags = dict(trainable_flags)
+        self.wrapped_trainable = dict(wrapped_trainable)
+
+    def record(self) -> dict:
+        """The surgery as JSON-ready data: `{"config": ..., "layer_paths": [...]}` (see the class's example)."""
+        return {"config": self.lora_config.to_dict(), "layer_paths": list(self.roles)}
+
+    def save_assets(self, dir_path):
+        """Called by keras' `model.save()`: writes `record()` to `<dir_path>/lora3.json`.
+
+        Args:
+            dir_path: str. This object's folder in the archive's `assets/`.
+        """
+        atomic_write_text(os.path.join(dir_path, STATE_FILE), json.dumps(self.record(), indent=2) + "\n")
+
+    def get_config(self):
+        return {**super().get_config(), **self.record()}
+
+
+def wrapper_class(layer):
+    """The LoRA wrapper class for `layer`, or `None` if lora3 does not adapt its kind.
+
+    Args:
+        layer: a keras layer.
+
+    Returns:
+        `WRAPPERS[cls]` for the first class `cls` of `type(layer).__mro__`
+        that `WRAPPERS` names, else `None`.
+
+    Example:
+    >>> import keras
+    >>> wrapper_class(keras.layers.Dense(3)).__name__
+    'LoRADense'
+    >>> wrapper_class(keras.layers.Embedding(10, 3)) is None
+    True
+    """
+    for cls in type(layer).__mro__:
+        if cls in WRAPPERS:
+            return WRAPPERS[cls]
+    return None
+
+
+def backbone_of(model):
+    """`model.backbone` for a keras-hub task, the model itself otherwise.
+
+    Args:
+        model: a keras-hub task or backbone, or any keras model.
+
+    Example:
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> backbone_of(model) is model
+    True
+    """
+    return getattr(model, "backbone", None) or model
+
+
+def lora_state(model) -> LoraState | None:
+    """The `LoraState` `apply_lora` left on `model`, or `None` when it has none.
+
+    Args:
+        model: any keras model.
+
+    Example:
+    >>> import keras
+    >>> lora_state(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])) is None
+    True
+    """
+    return getattr(model, STATE_ATTR, None)
+
+
+def lora_layers(model) -> list[LoRALayer]:
+    """Every lora3 wrapper inside `model`, in path order.
+
+    Args:
+        model: any keras layer or model.
+
+    Returns:
+        A list of `lora3.layers.LoRALayer`, sorted by path (block numbers in
+        numeric order).
+
+    Example:
+    >>> import keras
+    >>> lora_layers(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
+    []
+    """
+    found = [l for l in model._flatten_layers(include_self=True, recursive=True) if isinstance(l, LoRALayer)]
+    return sorted(found, key=lambda l: _natural_key(l.path))
+
+
+def find_targets(model, targets="qv", layers=None) -> dict:
+    """The layers `targets` names, without changing the model.
+
+    Args:
+        model: a keras-hub task or backbone, or any keras model.
+        targets: str or list of str. Roles, groups or regexes (see `LoraConfig`).
+        layers: `None` or block indices / `"encoder"` / `"decoder.N"` (see `LoraConfig`).
+
+    Returns:
+        `{path: (layer, role)}` in model order; `role` is `None` for a layer
+        chosen by a regex on a model without a role map.
+
+    Raises:
+        LoraConfigError: a target matches nothing (the message lists the
+            role names and the model's adaptable layers).
+
+    Example:
+    >>> import keras
+    >>> inputs = keras.Input((4,))
+    >>> model = keras.Model(inputs, keras.layers.Dense(2, name="out")(inputs))
+    >>> list(find_targets(model, targets="out"))
+    ['out']
+    """
+    return _find(model, _parents_of(model), targets, layers)
+
+
+def plan(model, config: LoraConfig, layer_paths=None) -> dict:
+    """Checks everything `apply_lora` would do, without changing the model.
+
+    Args:
+        model: the model to adapt.
+        config: the `LoraConfig`.
+        layer_paths: list of str or None. The exact layers to adapt (adapter
+            loading) instead of those `config.targets` names.
+
+    Returns:
+        `{path: PlannedLayer}`, for `apply_plan`.
+
+    Raises:
+        LoraConfigError: the model already has LoRA layers, a target matches
+            nothing, a layer cannot be wrapped (a node of a functional graph,
+            quantized, too small for the rank, ...) or a `train_also` entry
+            matches no weight. Nothing has changed then.
+
+    Example:
+    >>> import keras
+    >>> from lora3.config import LoraConfig
+    >>> inputs = keras.Input((4,))
+    >>> model = keras.Model(inputs, keras.layers.Dense(2, name="out")(inputs))
+    >>> plan(model, LoraConfig(rank=1, targets="out"))
+    Traceback (most recent call last):
+    ...
+    lora3.errors.LoraConfigError: layer 'out' is a node of the functional model ...
+    """
+    if lora_layers(model):
+        raise LoraConfigError(
+            "this model already has LoRA layers (surgery applied twice); "
+            "use lora3.merge_and_unload(model) first, or load_adapter to replace the weights"
+        )
+    table = _parents_of(model)  # one walk of the model serves the search and the parent lookup
+    if layer_paths is None:
+        chosen = _find(model, table, config.targets, config.layers)
+    else:
+        everything = _find(model, table, ".*", None)
+        missing = [p for p in layer_paths if p not in everything]
+        if missing:
+            raise LoraConfigError(
+                f"layer path(s) {missing[:5]} do not exist in this model (or are not Dense/EinsumDense)"
+            )
+        chosen = {p: everything[p] for p in layer_paths}
+    result = {}
+    for path, (layer, role) in chosen.items():
+        parents = table[id(layer)][1]
+        graph_parents = [p for p in parents if _is_functional(p)]
+        if graph_parents:
+            raise LoraConfigError(
+                f"layer {path!r} is a node of the functional model {graph_parents[0].name!r} "
+                "(a task head or top-level layer): it is called by the graph, not through an "
+                "attribute, so lora3 cannot wrap it. Choose layers inside the blocks"
+            )
+        in_features, out_features = wrapper_class(layer).check_layer(layer, config.rank)
+        result[path] = PlannedLayer(layer, role, parents, in_features, out_features)
+    patterns = _train_also_patterns(config.train_also)
+    var_paths = [v.path for v in model.weights]
+    for entry, pattern in patterns:
+        if not any(pattern.search(p) for p in var_paths):
+            raise LoraConfigError(
+                f"train_also entry {entry!r} matches no weight of the model "
+                f"(shortcuts: {', '.join(TRAIN_ALSO_SHORTCUTS)}; or a regex searched in variable paths "
+                f"such as {var_paths[:3]})"
+            )
+    return result
+
+
+def apply_lora(model, config: LoraConfig | None = None, *, layer_paths=None, **overrides) -> LoraReport:
+    """Wraps the layers `config.targets` names with LoRA, in place, and freezes the rest.
+
+    Everything is checked first (`plan`): a refused surgery leaves the model
+    as it was.
+
+    Args:
+        model: a built keras-hub task (`T5Seq2SeqLM`, `GemmaCausalLM`, ...)
+            or backbone, or any Keras model whose Dense/EinsumDense layers
+            are called through attributes of their parent layers.
+        config: a `LoraConfig`; keyword overrides are also accepted
+            (`apply_lora(model, rank=4, targets="all_linear")`).
+        layer_paths: list of str or None. Adapt exactly these layers instead
+            of those `config.targets` names.
+        **overrides: `LoraConfig` fields, applied over `config`.
+
+    Returns:
+        A `LoraReport` (print it for a table). Compile the model again before
+        `fit()` or `generate()`: compiled functions are reset here.
+
+    Raises:
+        LoraConfigError: see `plan`.
+
+    Example:
+    >>> import keras_hub, lora3
+    >>> backbone = keras_hub.models.T5Backbone(vocabulary_size=64, num_layers=1,
+    ...     num_heads=2, hidden_dim=16, intermediate_dim=32, key_value_dim=8)
+    >>> report = lora3.apply_lora(backbone, lora3.LoraConfig(rank=2, targets="qv"))
+    >>> len(report.rows), report.lora_params
+    (6, 384)
+    """
+    if config is None:
+        config = LoraConfig(**overrides)
+    elif overrides:
+        config = LoraConfig(**{**config.to_dict(), **overrides})
+    return apply_plan(model, config, plan(model, config, layer_paths))
+
+
+def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -> LoraReport:
+    """Carries out a surgery `plan()` has checked.
+
+    Args:
+        model: the model `plan` was made for.
+        config: the `LoraConfig` `plan` was made with.
+        planned: `plan()`'s result.
+        initial_weights: a callable `path -> (A, B)` or None. If given, each
+            new layer's LoRA weights are created from its arrays (`A`
+            `(rank, in_features)`, `B` `(rank, out_features)`; adapter
+            loading), one layer at a time, instead of drawn.
+
+    Returns:
+        A `LoraReport`.
+
+    Example:
+    >>> import keras_hub
+    >>> from lora3.config import LoraConfig
+    >>> backbone = keras_hub.models.T5Backbone(vocabulary_size=64, num_layers=1,
+    ...     num_heads=2, hidden_dim=16, intermediate_dim=32, key_value_dim=8)
+    >>> config = LoraConfig(rank=2, targets="mlp")
+    >>> len(apply_plan(backbone, config, plan(backbone, config)).rows)
+    6
+    """
+    flags = {id(v): v.trainable for v in model.weights}
+    wrapped_trainable, roles, lora_ids = {}, {}, set()
+    for path, entry in planned.items():
+        wrapped_trainable[path] = entry.layer.trainable
+        wrapper = _make_wrapper(entry.layer, config, initial_weights(path) if initial_weights else None)
+        for parent in entry.parents:
+            if not _swap(parent, entry.layer, wrapper):
+                raise RuntimeError(f"internal error: could not replace {path!r} in {parent.name!r}")
+        roles[wrapper.path] = entry.role
+        lora_ids |= {id(wrapper.lora_A), id(wrapper.lora_B)}
+
+    if not model.trainable:
+        model.trainable = True
+    patterns = _train_also_patterns(config.train_also)
+    for v in model.weights:
+        v.trainable = id(v) in lora_ids or any(p.search(v.path) for _, p in patterns)
+    object.__setattr__(model, STATE_ATTR, LoraState(config, roles, flags, wrapped_trainable))
+    reset_compiled_functions(model)
+    return make_report(model)
+
+
+def unload(model):
+    """Takes the LoRA wrappers out of `model`, without merging them.
+
+    Each wrapped layer goes back where its wrapper was, the trainable flags
+    are those the model had before `apply_lora`, and the `LoraState` is
+    removed. The LoRA weights are dropped: merge them first to keep them
+    (`lora3.merge_and_unload`).
+
+    Args:
+        model: a model `apply_lora` (or `load_adapter`) adapted.
+
+    Returns:
+        The same model object.
+
+    Example:
+    >>> import keras_hub, lora3
+    >>> backbone = keras_hub.models.T5Backbone(vocabulary_size=64, num_layers=1,
+    ...     num_heads=2, hidden_dim=16, intermediate_dim=32, key_value_dim=8)
+    >>> _ = lora3.apply_lora(backbone, rank=2)
+    >>> lora_layers(unload(backbone))
+    []
+    """
+    table = _parents_of(model)
+    state = lora_state(model)
+    for w in lora_layers(model):
+        for parent in table[id(w)][1]:
+            _swap(parent, w, w.wrapped)
+        w.wrapped.trainable = state.wrapped_trainable.get(w.path, True) if state else True
+    if state is not None:
+        for v in model.weights:
+            if id(v) in state.trainable_flags:
+                v.trainable = state.trainable_flags[id(v)]
+        object.__delattr__(model, STATE_ATTR)
+    reset_compiled_functions(model)
+    return model
+
+
+def make_report(model) -> LoraReport:
+    """The `LoraReport` of `model` as it is now (its LoRA layers and parameter counts).
+
+    Args:
+        model: any keras model, adapted or not.
+
+    Returns:
+        A `LoraReport`; its config is the surgery's (`None` without one).
+
+    Example:
+    >>> import keras
+    >>> make_report(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])).total_params
+    3
+    """
+    state = lora_state(model)
+    roles = state.roles if state else {}
+    rows = tuple(AdaptedLayer.from_wrapper(w, roles.get(w.path)) for w in lora_layers(model))
+    return LoraReport(
+        rows=rows,
+        trainable_params=count_params(model.trainable_weights),
+        total_params=count_params(model.weights),
+        config=state.lora_config if state else None,
+    )
+
+
+def reset_compiled_functions(model):
+    """Drops the model's compiled train/test/predict/generate functions (after a surgery).
+
+    Keras compiles them on the next `fit`/`evaluate`/`predict`/`generate`, with the new layers.
+
+    Args:
+        model: any keras model.
+
+    Example:
+    >>> import keras
+    >>> reset_compiled_functions(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
+    """
+    for name in ("train_function", "test_function", "predict_function", "generate_function"):
+        if hasattr(model, name):
+            object.__setattr__(model, name, None)
 
 
 def _natural_key(path):
@@ -30,6 +446,7 @@ def _natural_key(path):
 
 
 def _is_functional(layer):
+    # (a Sequential model is one too: its graph, `_functional`, is among its layers' parents)
     return any(cls.__name__ == "Functional" for cls in type(layer).__mro__)
 
 
@@ -54,22 +471,10 @@ def _parents_of(model):
     return table
 
 
-def backbone_of(model):
-    return getattr(model, "backbone", None) or model
-
-
-def lora_layers(model) -> list[LoRALayer]:
-    """Every lora3 wrapper inside `model`, in path order."""
-    found = [l for l in model._flatten_layers(include_self=True, recursive=True) if isinstance(l, LoRALayer)]
-    return sorted(found, key=lambda l: _natural_key(l.path))
-
-
-def find_targets(model, targets="qv", layers=None, _table=None) -> dict:
-    """`{path: (layer, role)}` of the layers `targets` name, without changing the model."""
-    table = _table if _table is not None else _parents_of(model)
+def _find(model, table, targets, layers) -> dict:
     candidates = {}
     for layer, parents in table.values():
-        if isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        if wrapper_class(layer) is not None:
             if any(isinstance(p, LoRALayer) for p in parents):
                 continue  # already wrapped
             candidates.setdefault(layer.path, layer)
@@ -102,17 +507,12 @@ def _swap(parent, old, new):
     return replaced
 
 
-def _wrapper_for(layer, config: LoraConfig, initial_weights=None):
-    cls = LoRADense if isinstance(layer, keras.layers.Dense) else LoRAEinsumDense
-    return cls(
-        layer,
-        rank=config.rank,
-        alpha=config.alpha,
-        dropout=config.dropout,
-        rslora=config.rslora,
-        init=config.init,
-        initial_weights=initial_weights,
-    )
+def _make_wrapper(layer, config: LoraConfig, initial=None):
+    cls = wrapper_class(layer)
+    settings = dict(alpha=config.alpha, dropout=config.dropout, rslora=config.rslora, init=config.init)
+    if initial is None:
+        return cls(layer, rank=config.rank, **settings)
+    return cls.from_weights(layer, *initial, **settings)
 
 
 def _train_also_patterns(train_also):
@@ -123,203 +523,3 @@ def _train_also_patterns(train_also):
         except re.error as exc:
             raise LoraConfigError(f"train_also entry {entry!r} is not a valid regex: {exc}") from None
     return patterns
-
-
-def plan(model, config: LoraConfig, layer_paths=None) -> dict:
-    """Check everything `apply_lora` would do and return
-    `{path: (layer, role, parents, (in_features, out_features))}`.
-
-    Raises before any change to the model, so a refused surgery leaves it intact.
-    `layer_paths` (used when loading an adapter) names the exact layers instead
-    of `config.targets`.
-    """
-    if lora_layers(model):
-        raise LoraConfigError(
-            "this model already has LoRA layers (surgery applied twice); "
-            "use lora3.merge_and_unload(model) first, or load_adapter to replace the weights"
-        )
-    table = _parents_of(model)  # one walk of the model serves the search and the parent lookup
-    if layer_paths is None:
-        chosen = find_targets(model, config.targets, config.layers, _table=table)
-    else:
-        everything = find_targets(model, ".*", _table=table)
-        missing = [p for p in layer_paths if p not in everything]
-        if missing:
-            raise LoraConfigError(
-                f"layer path(s) {missing[:5]} do not exist in this model (or are not Dense/EinsumDense)"
-            )
-        chosen = {p: everything[p] for p in layer_paths}
-    result = {}
-    for path, (layer, role) in chosen.items():
-        parents = table[id(layer)][1]
-        graph_parents = [p for p in parents if _is_functional(p)]
-        if graph_parents:
-            raise LoraConfigError(
-                f"layer {path!r} is a node of the functional model {graph_parents[0].name!r} "
-                "(a task head or top-level layer): it is called by the graph, not through an "
-                "attribute, so lora3 cannot wrap it. Choose layers inside the blocks"
-            )
-        if getattr(layer, "lora_enabled", False):
-            raise LoraConfigError(f"layer {path!r} has Keras' own LoRA enabled; lora3 needs a model without it")
-        wrapper_cls = LoRADense if isinstance(layer, keras.layers.Dense) else LoRAEinsumDense
-        if wrapper_cls is LoRAEinsumDense:
-            from lora3.layers.einsum import analyze_equation
-
-            info = analyze_equation(layer.equation, layer.kernel.shape)
-            fan_in, fan_out = info["in_features"], info["out_features"]
-        else:
-            fan_in, fan_out = (int(d) for d in layer.kernel.shape)
-        if config.rank > min(fan_in, fan_out):
-            raise LoraConfigError(
-                f"rank={config.rank} is larger than layer {path!r} allows (in_features={fan_in}, "
-                f"out_features={fan_out}: rank must be <= {min(fan_in, fan_out)})"
-            )
-        result[path] = (layer, role, parents, (fan_in, fan_out))
-    patterns = _train_also_patterns(config.train_also)
-    var_paths = [v.path for v in model.weights]
-    for entry, pattern in patterns:
-        if not any(pattern.search(p) for p in var_paths):
-            raise LoraConfigError(
-                f"train_also entry {entry!r} matches no weight of the model "
-                f"(shortcuts: {', '.join(TRAIN_ALSO_SHORTCUTS)}; or a regex searched in variable paths "
-                f"such as {var_paths[:3]})"
-            )
-    return result
-
-
-def apply_lora(model, config: LoraConfig | None = None, *, layer_paths=None, **overrides) -> LoraReport:
-    """Wrap the layers `config.targets` names with LoRA, in place, and freeze the rest.
-
-    Args:
-        model: a built keras-hub task (`T5Seq2SeqLM`, `GemmaCausalLM`, ...) or backbone,
-            or any Keras model whose Dense/EinsumDense layers are called through
-            attributes of their parent layers.
-        config: a `LoraConfig`; keyword overrides are also accepted
-            (`apply_lora(model, rank=4, targets="all_linear")`).
-
-    Returns:
-        A `LoraReport` (print it for a table). Compile the model again before
-        `fit()` or `generate()`: compiled functions are reset here.
-
-    Example:
-    >>> import keras_hub, lora3
-    >>> backbone = keras_hub.models.T5Backbone(vocabulary_size=64, num_layers=1,
-    ...     num_heads=2, hidden_dim=16, intermediate_dim=32, key_value_dim=8)
-    >>> report = lora3.apply_lora(backbone, lora3.LoraConfig(rank=2, targets="qv"))
-    >>> len(report.rows), report.lora_params
-    (6, 384)
-    """
-    if config is None:
-        config = LoraConfig(**overrides)
-    elif overrides:
-        config = LoraConfig(**{**config.to_dict(), **overrides})
-    return apply_plan(model, config, plan(model, config, layer_paths))
-
-
-def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -> LoraReport:
-    """Carry out a surgery `plan()` has checked.
-
-    `initial_weights`, if given, is a callable `path -> (A, B)` whose arrays the new
-    LoRA weights are created from (adapter loading), one layer at a time.
-    """
-
-    flags = {id(v): (v, v.trainable) for v in model.weights}
-    wrapped_trainable = {}
-    wrappers = []
-    for path, (layer, role, parents, _) in planned.items():
-        wrapped_trainable[path] = layer.trainable
-        initial = initial_weights(path) if initial_weights is not None else None
-        wrapper = _wrapper_for(layer, config, initial)
-        del initial
-        for parent in parents:
-            if not _swap(parent, layer, wrapper):
-                raise RuntimeError(f"internal error: could not replace {path!r} in {parent.name!r}")
-        wrappers.append((wrapper, role))
-
-    if not model.trainable:
-        model.trainable = True
-    patterns = _train_also_patterns(config.train_also)
-    lora_ids = {id(w.lora_A) for w, _ in wrappers} | {id(w.lora_B) for w, _ in wrappers}
-    for v in model.weights:
-        v.trainable = id(v) in lora_ids or any(p.search(v.path) for _, p in patterns)
-
-    def get_config_with_lora(self=model, _orig=type(model).get_config):
-        config_dict = _orig(self)
-        config_dict["lora3"] = lora_record(self)
-        return config_dict
-
-    object.__setattr__(model, STATE_ATTR, {
-        "config": config,
-        "roles": {w.path: role for w, role in wrappers},
-        "trainable_flags": flags,
-        "wrapped_trainable": wrapped_trainable,
-    })
-    # Record the surgery in the model's config, so `model.save("x.keras")`
-    # carries it and `lora3.load_model` can replay it.
-    object.__setattr__(model, "get_config", get_config_with_lora)
-    _reset_compiled_functions(model)
-    return make_report(model)
-
-
-def lora_record(model) -> dict:
-    state = getattr(model, STATE_ATTR)
-    return {
-        "config": state["config"].to_dict(),
-        "layer_paths": [w.path for w in lora_layers(model)],
-    }
-
-
-def _reset_compiled_functions(model):
-    for name in ("train_function", "test_function", "predict_function", "generate_function"):
-        if hasattr(model, name):
-            object.__setattr__(model, name, None)
-
-
-def _count(variables):
-    seen, total = set(), 0
-    for v in variables:
-        if id(v) in seen or not _is_float(v):
-            continue
-        seen.add(id(v))
-        total += int(_prod(v.shape))
-    return total
-
-
-def _is_float(v):
-    return "float" in str(v.dtype)
-
-
-def _prod(shape):
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
-
-
-def make_report(model) -> LoraReport:
-    state = getattr(model, STATE_ATTR, None)
-    wrappers = lora_layers(model)
-    roles = state["roles"] if state else {}
-    rows = tuple(
-        AdaptedLayer(
-            path=w.path,
-            role=roles.get(w.path),
-            kind=type(w.wrapped).__name__,
-            in_features=w.in_features,
-            out_features=w.out_features,
-            lora_params=w.lora_params,
-        )
-        for w in wrappers
-    )
-    total = _count(model.weights)
-    lora = sum(r.lora_params for r in rows)
-    config = state["config"] if state else None
-    return LoraReport(
-        rows=rows,
-        trainable_params=_count(model.trainable_weights),
-        total_params=total,
-        base_params=total - lora,
-        rank=config.rank if config else 0,
-        alpha=config.alpha if config else 0.0,
-        scaling=config.scaling if config else 0.0,
-    )

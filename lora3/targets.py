@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from lora3.errors import LoraConfigError
 
@@ -35,7 +35,22 @@ GROUPS = {
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """How one model family names its blocks and projections."""
+    """How one model family names its blocks and projections.
+
+    Args:
+        name: str. The family's name (`"t5"`, `"gemma"`).
+        backbones: tuple of str. Backbone class names that belong to the
+            family (matched along the model's MRO by `family_for`).
+        pattern: compiled regex, `fullmatch`ed against a layer path, with
+            the named groups `block` and `leaf`, and optionally `stack`
+            (`encoder`/`decoder`) and `attn` (set for attention layers).
+        attention_leaves: dict. Leaf layer name -> role, inside attention.
+        ffn_leaves: dict. Leaf layer name -> role, in the feed-forward part.
+
+    Example:
+    >>> FAMILIES["gemma"].parse("decoder_block_3/attention/query")
+    LayerSite(path='decoder_block_3/attention/query', role='q', stack=None, block=3, attention='attention')
+    """
 
     name: str
     backbones: tuple  # backbone class names (matched along the MRO)
@@ -44,6 +59,17 @@ class Family:
     ffn_leaves: dict
 
     def parse(self, path: str) -> Optional["LayerSite"]:
+        """The `LayerSite` of a layer path, or `None` when the path is no projection with a role.
+
+        Args:
+            path: str. A layer path (`layer.path`).
+
+        Example:
+        >>> FAMILIES["t5"].parse("transformer_encoder_layer_0/self_attention/value_projector").role
+        'v'
+        >>> FAMILIES["t5"].parse("token_embedding") is None
+        True
+        """
         m = self.pattern.fullmatch(path)
         if not m:
             return None
@@ -57,6 +83,23 @@ class Family:
 
 @dataclasses.dataclass(frozen=True)
 class LayerSite:
+    """Where a projection sits in its model: its role, stack and block.
+
+    Args:
+        path: str. The layer path.
+        role: str. One of `ROLES`.
+        stack: str or None. `"encoder"` / `"decoder"` for T5, `None` for
+            decoder-only models.
+        block: int. The block index within its stack.
+        attention: str or None. `"self_attention"`, `"cross_attention"`,
+            `"attention"`, or `None` for a feed-forward layer.
+
+    Example:
+    >>> site = FAMILIES["t5"].parse("transformer_decoder_layer_1/cross_attention/query_projector")
+    >>> site.role, site.stack, site.block, site.attention
+    ('q', 'decoder', 1, 'cross_attention')
+    """
+
     path: str
     role: str
     stack: Optional[str]  # "encoder" / "decoder" for T5, None for decoder-only
@@ -86,7 +129,21 @@ FAMILIES = {
 
 
 def family_for(class_names: Iterable[str]) -> Optional[Family]:
-    """The family whose backbone class appears among `class_names` (an MRO)."""
+    """The family whose backbone class appears among `class_names` (an MRO).
+
+    Args:
+        class_names: iterable of str. Class names, e.g. those of
+            `type(backbone).__mro__`.
+
+    Returns:
+        A `Family`, or `None` when no family's backbone is named.
+
+    Example:
+    >>> family_for(["Gemma3Backbone", "Backbone", "Model"]).name
+    'gemma'
+    >>> family_for(["Sequential"]) is None
+    True
+    """
     names = set(class_names)
     for family in FAMILIES.values():
         if names & set(family.backbones):
@@ -95,7 +152,25 @@ def family_for(class_names: Iterable[str]) -> Optional[Family]:
 
 
 def expand(targets: str | Sequence[str]) -> list[tuple[str, object]]:
-    """Each target entry as `(entry, roles)` or `(entry, compiled_regex)`."""
+    """Each target entry as `(entry, roles)` or `(entry, compiled_regex)`.
+
+    A group expands to its roles, a role to itself; anything else is a regex.
+
+    Args:
+        targets: str or list of str. Roles, groups or regexes.
+
+    Returns:
+        A list of `(entry, tuple_of_roles)` or `(entry, re.Pattern)`.
+
+    Raises:
+        LoraConfigError: an entry is no role, no group and no valid regex.
+
+    Example:
+    >>> expand(["qv", "down"])
+    [('qv', ('q', 'v')), ('down', ('down',))]
+    >>> expand(r"block/inner")[0][1].pattern
+    'block/inner'
+    """
     entries = [targets] if isinstance(targets, str) else list(targets)
     out = []
     for entry in entries:
@@ -114,7 +189,7 @@ def expand(targets: str | Sequence[str]) -> list[tuple[str, object]]:
     return out
 
 
-def _layer_filter(layers) -> Optional[callable]:
+def _layer_filter(layers) -> Optional[Callable[["LayerSite"], bool]]:
     if layers is None:
         return None
     wanted = []
@@ -145,10 +220,29 @@ def _layer_filter(layers) -> Optional[callable]:
 def select(
     paths: Sequence[str], family: Optional[Family], targets, layers=None
 ) -> dict[str, Optional[str]]:
-    """Choose the layer paths `targets` (and `layers`) name, as `{path: role or None}`.
+    """Chooses the layer paths `targets` (and `layers`) name.
 
-    Raises `LoraConfigError` naming the first entry that matches nothing, with
-    the adaptable paths and role names, so the user can fix the target.
+    Args:
+        paths: list of str. The adaptable layer paths, in model order.
+        family: the model's `Family`, or `None` (then only regexes work).
+        targets: str or list of str. Roles, groups or regexes (`re.fullmatch`
+            on the path).
+        layers: `None` or a list of block indices, `"encoder"`/`"decoder"`
+            or `"encoder.N"`/`"decoder.N"` (needs a family).
+
+    Returns:
+        `{path: role or None}` in the order of `paths`.
+
+    Raises:
+        LoraConfigError: naming the first entry that matches nothing, with
+            the role names, groups and the adaptable paths, so the target
+            can be fixed; or a role name / `layers=` without a family.
+
+    Example:
+    >>> paths = ["decoder_block_0/attention/query", "decoder_block_0/attention/key",
+    ...          "decoder_block_0/ffw_linear", "decoder_block_1/attention/query"]
+    >>> select(paths, FAMILIES["gemma"], ["q", "down"], layers=[0])
+    {'decoder_block_0/attention/query': 'q', 'decoder_block_0/ffw_linear': 'down'}
     """
     sites = {p: family.parse(p) if family else None for p in paths}
     keep = _layer_filter(layers)

@@ -40,6 +40,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from lora3.fileio import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -666,16 +668,6 @@ def wire_view(spec: dict) -> dict:
     return to_workspace(spec)._to_model().model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _atomic_write_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _dashboard_document(spec: dict) -> dict:
     doc = dict(spec)
     try:
@@ -744,7 +736,7 @@ def dashboard_main(argv) -> int:
         return 0
     text = json.dumps(_dashboard_document(spec), indent=1) + "\n"
     if args.out:
-        _atomic_write_text(Path(args.out), text)
+        atomic_write_text(Path(args.out), text)
         print(f"report.py dashboard: {len(spec['sections'][0]['panels'])} panels -> {args.out}")
     else:
         sys.stdout.write(text)

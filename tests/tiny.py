@@ -166,9 +166,9 @@ def corrupt_adapter(case, adapter):
         else:
             tensors[key] = np.zeros((3, 3), "float32")
         save_file(tensors, str(weights))
-        from lora3.adapters import _sha256
+        from lora3.fileio import sha256_file
 
-        meta["sha256"] = _sha256(weights)  # a consistent file, with the wrong content
+        meta["sha256"] = sha256_file(weights)  # a consistent file, with the wrong content
         cfg.write_text(json.dumps(meta))
     elif case == "missing_field":
         del meta["base_fingerprint"]

@@ -1,7 +1,12 @@
-"""LoRA wrapper layers, written in `keras.ops` only."""
+"""LoRA wrapper layers, written in `keras.ops` only.
 
-from lora3.layers.base import LoRALayer
-from lora3.layers.dense import LoRADense
-from lora3.layers.einsum import LoRAEinsumDense
+`LoRALayer` (`lora_layer.py`) is the shared base; `LoRADense` (`lora_dense.py`) and
+`LoRAEinsumDense` (`lora_einsum_dense.py`) wrap `keras.layers.Dense` and
+`keras.layers.EinsumDense`.
+"""
 
-__all__ = ["LoRALayer", "LoRADense", "LoRAEinsumDense"]
+from lora3.layers.lora_dense import LoRADense
+from lora3.layers.lora_einsum_dense import LoRAEinsumDense, analyze_equation
+from lora3.layers.lora_layer import LoRALayer
+
+__all__ = ["LoRALayer", "LoRADense", "LoRAEinsumDense", "analyze_equation"]

@@ -20,6 +20,7 @@ chosen the backend (`lora3.run.backend.select`).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from lora3.errors import Lora3Error
+from lora3.fileio import atomic_write_bytes, atomic_write_text, staged_dir
 from lora3.run import distribution as dist_mod
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -197,31 +199,20 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(model, out_dir: Path, step: int, meta: dict, keep: int = 2) -> Path:
-    root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """Writes `checkpoints/step-<n>/` whole or not at all (`lora3.fileio.staged_dir`); keeps the last `keep`."""
+    final = Path(out_dir) / "checkpoints" / f"step-{step:08d}"
     groups = _state_variables(model)
     arrays, names = {}, {}
     for group, variables in groups.items():
         names[group] = [v.path for v in variables]
         for i, v in enumerate(variables):
             arrays[f"{group}/{i}"] = np.asarray(v.numpy() if hasattr(v, "numpy") else v.value)
-    with open(tmp / "state.npz", "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    meta = dict(meta, step=step, variables=names)
-    with open(tmp / "meta.json", "w") as f:
-        json.dump(meta, f, indent=1, default=float)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    state = io.BytesIO()
+    np.savez(state, **arrays)
+    with staged_dir(final) as tmp:
+        atomic_write_bytes(Path(tmp) / "state.npz", state.getvalue())
+        atomic_write_text(Path(tmp) / "meta.json", json.dumps(dict(meta, step=step, variables=names), indent=1,
+                                                              default=float))
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -40,8 +40,8 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
 
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
-    (root / ".tmp-step-00000004-123").mkdir(parents=True)
-    (root / ".tmp-step-00000004-123" / "state.npz").write_bytes(b"partial")
+    (root / ".step-00000004.tmp-123").mkdir(parents=True)
+    (root / ".step-00000004.tmp-123" / "state.npz").write_bytes(b"partial")
     (root / "step-00000002").mkdir()
     (root / "step-00000002" / "state.npz").write_bytes(b"x")  # no meta.json: incomplete
     assert tr.list_checkpoints(tmp_path) == []

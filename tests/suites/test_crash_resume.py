@@ -101,8 +101,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, reference, lora3
 
     # A half-written checkpoint of either kind is never picked up.
     root = out / "checkpoints"
-    (root / ".tmp-step-00000004-99999").mkdir()
-    (root / ".tmp-step-00000004-99999" / "state.npz").write_bytes(b"PK\x03\x04partial")
+    (root / ".step-00000004.tmp-99999").mkdir()
+    (root / ".step-00000004.tmp-99999" / "state.npz").write_bytes(b"PK\x03\x04partial")
     (root / "step-00000003").mkdir()
     good = (root / "step-00000002" / "state.npz").read_bytes()
     (root / "step-00000003" / "state.npz").write_bytes(good[: len(good) // 2])

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import lora3
 import tiny
-from lora3.adapters import CONFIG_NAME, WEIGHTS_NAME, _sha256
+from lora3.adapters import CONFIG_NAME, WEIGHTS_NAME
+from lora3.fileio import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_mutated_weight_bytes(saved, tmp_path_factory, data):
     meta = json.loads(config)
     tmp = tmp_path_factory.mktemp("w")
     (tmp / "probe").write_bytes(mutated)
-    meta["sha256"] = _sha256(tmp / "probe")
+    meta["sha256"] = sha256_file(tmp / "probe")
     for cfg in (config, json.dumps(meta).encode()):
         _load(tmp, cfg, mutated, model)
 

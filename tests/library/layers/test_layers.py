@@ -166,8 +166,8 @@ def test_layer_config_round_trip():
         ({"rank": 6}, "rank=6 is larger than layer"),
         ({"alpha": 0}, "alpha must be a positive number"),
         ({"alpha": -1.0}, "alpha must be a positive number"),
-        ({"init": "xavier"}, "unknown init 'xavier'"),
-        ({"dropout": 1.5}, "dropout must be in"),
+        ({"init": "xavier"}, "init='xavier' is not valid: it must be one of kaiming, gaussian"),
+        ({"dropout": 1.5}, "dropout must be a number in [0, 1), got dropout=1.5"),
     ],
 )
 def test_layer_errors(kwargs, message):
@@ -220,3 +220,91 @@ def test_mixed_precision_keeps_float32_variables():
     assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
     expected = x @ _np(layer.kernel) + _np(layer.bias) + 2.0 * (x @ A) @ B
     np.testing.assert_allclose(_np(keras.ops.cast(y, "float32")), expected, rtol=0.05, atol=0.1)
+
+
+def test_from_weights_creates_the_variables_from_the_arrays():
+    rng = np.random.default_rng(8)
+    base = dense(units=6, in_dim=5)
+    W, b = _np(base.kernel), _np(base.bias)
+    A = rng.normal(size=(3, 5)).astype("float32")  # (rank, in), the variable's layout
+    B = rng.normal(size=(3, 6)).astype("float32")
+    lora = LoRADense.from_weights(base, A, B, alpha=6, rslora=True, init="gaussian")
+    assert (lora.rank, lora.alpha, lora.rslora, lora.init) == (3, 6.0, True, "gaussian")
+    np.testing.assert_array_equal(_np(lora.lora_A), A)
+    np.testing.assert_array_equal(_np(lora.lora_B), B)
+    x = rng.normal(size=(2, 5)).astype("float32")
+    s = 6 / math.sqrt(3)
+    np.testing.assert_allclose(_np(lora(x)), x @ W + b + s * (x @ A.T) @ B, rtol=1e-5, atol=1e-5)
+    # The arrays are not kept: a later wrapper draws its own A again.
+    assert np.any(_np(LoRADense(dense(units=6, in_dim=5), rank=3, alpha=6).lora_A) != A)
+
+
+def test_from_weights_refusals():
+    with pytest.raises(lora3.LoraConfigError, match=re.escape("initial LoRA weight has shape (2, 4), the layer needs (2, 5)")):
+        LoRADense.from_weights(dense(in_dim=5), np.zeros((2, 4), "float32"), np.zeros((2, 6), "float32"), alpha=1)
+    with pytest.raises(lora3.LoraConfigError, match="needs a built layer; 'loose' is not built"):
+        LoRADense.from_weights(keras.layers.Dense(3, name="loose"), np.zeros((1, 2)), np.zeros((1, 3)), alpha=1)
+
+
+def test_from_config_restores_merged():
+    rng = np.random.default_rng(9)
+    lora = LoRADense(dense(), rank=2, alpha=2)
+    _set(lora.lora_B, rng)
+    lora.merge()
+    config = lora.get_config()
+    assert config["merged"] is True and config["layer"]["class_name"] == "Dense"
+    assert {"rank", "alpha", "dropout", "rslora", "init", "name", "dtype", "trainable"} <= set(config)
+    clone = LoRADense.from_config(config)
+    assert clone.merged and clone.built  # the wrapped layer's config carries its build config
+    clone.set_weights(lora.get_weights())
+    x = rng.normal(size=(2, 5)).astype("float32")
+    np.testing.assert_allclose(_np(clone(x)), _np(lora(x)), rtol=1e-6)
+
+
+def test_einsum_config_round_trip():
+    base = keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(None, 3, 4), name="q")
+    base.build((2, 5, 8))
+    lora = LoRAEinsumDense(base, rank=2, alpha=4, init="gaussian")
+    clone = LoRAEinsumDense.from_config(lora.get_config())
+    assert clone.lora_A.shape == (2, 8) and clone.lora_B.shape == (2, 12) and clone.init == "gaussian"
+
+
+def test_unbuilt_wrapped_layer_needs_an_input_shape():
+    lora = LoRADense(keras.layers.Dense(3, name="late"), rank=1, alpha=1)
+    assert not lora.built
+    with pytest.raises(ValueError, match=re.escape("build() needs an input shape; got input_shape=None")):
+        lora.build()
+    y = lora(np.ones((2, 4), "float32"))  # built on first call
+    assert tuple(y.shape) == (2, 3) and lora.in_features == 4
+
+
+def test_check_layer_says_what_the_constructor_would():
+    base = dense(units=6, in_dim=5)
+    assert LoRADense.check_layer(base, rank=5) == (5, 6)
+    with pytest.raises(lora3.LoraConfigError, match=re.escape("rank=6 is larger than layer 'proj' allows")):
+        LoRADense.check_layer(base, rank=6)
+    q = keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(None, 3, 4))
+    q.build((None, None, 8))
+    assert LoRAEinsumDense.check_layer(q, rank=2) == (8, 12)
+    with pytest.raises(lora3.LoraConfigError, match="LoRAEinsumDense wraps a keras.layers.EinsumDense, got Dense"):
+        LoRAEinsumDense.check_layer(base, rank=1)
+
+
+def test_quantized_and_keras_lora_layers_are_refused():
+    quantized = dense()
+    quantized.quantize("int8")
+    with pytest.raises(lora3.LoraConfigError, match=re.escape("is quantized (quantization_mode='int8')")):
+        LoRADense(quantized, rank=1, alpha=1)
+    keras_lora = dense()
+    keras_lora.enable_lora(2)
+    with pytest.raises(lora3.LoraConfigError, match="has Keras' own LoRA enabled"):
+        LoRADense(keras_lora, rank=1, alpha=1)
+
+
+def test_layers_and_config_give_the_same_messages():
+    for kwargs in ({"rank": 0}, {"alpha": -1.0}, {"dropout": 1.0}, {"init": "he"}):
+        with pytest.raises(lora3.LoraConfigError) as from_layer:
+            LoRADense(dense(), **{"rank": 2, "alpha": 4, **kwargs})
+        with pytest.raises(lora3.LoraConfigError) as from_config:
+            lora3.LoraConfig(**{"rank": 2, "alpha": 4, **kwargs})
+        assert str(from_layer.value) == str(from_config.value)

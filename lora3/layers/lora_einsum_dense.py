@@ -1,4 +1,5 @@
-"""`LoRAEinsumDense`: LoRA around a built `keras.layers.EinsumDense`."""
+"""`LoRAEinsumDense`: LoRA around a built `keras.layers.EinsumDense`, and `analyze_equation`,
+which reads an EinsumDense kernel as the matrix LoRA adapts."""
 
 import math
 import string
@@ -7,20 +8,34 @@ import keras
 from keras import ops
 
 from lora3.errors import LoraConfigError
-from lora3.layers.base import LoRALayer
+from lora3.layers.lora_layer import LoRALayer
 
 
 def analyze_equation(equation, kernel_shape):
-    """Split an EinsumDense equation into the matrix view LoRA needs.
+    """Splits an EinsumDense equation into the matrix view LoRA needs.
 
-    Returns a dict with:
-      contracted: kernel dims summed against the input, in kernel order;
-      produced:   kernel dims that appear in the output, in output order;
-      in_features / out_features: products of their sizes;
-      eq_a / eq_b: einsum equations for `x @ A` and `h @ B` (A, B reshaped);
-      a_shape / b_shape: the shapes A and B take in those equations;
-      to_kernel:  permutation taking an array laid out as (contracted + produced)
-                  to the kernel's own dim order.
+    Every kernel dim must be either contracted with the input or produced in
+    the output (a dim in both would be a batched kernel, one in neither a sum).
+
+    Args:
+        equation: str. The layer's equation, e.g. `"btd,ndh->btnh"`.
+        kernel_shape: tuple of int. The kernel's shape, in the equation's
+            kernel-subscript order.
+
+    Returns:
+        A dict with:
+        `contracted`: kernel dims summed against the input, in kernel order;
+        `produced`: kernel dims that appear in the output, in output order;
+        `in_features` / `out_features`: products of their sizes;
+        `eq_a` / `eq_b`: einsum equations for `x @ A` and `h @ B` (A, B reshaped);
+        `a_shape` / `b_shape`: the shapes A and B take in those equations;
+        `to_kernel`: permutation taking an array laid out as
+        `contracted + produced` to the kernel's own dim order;
+        `flat`: whether a 2-D `(tokens, in_features)` view of the input exists.
+
+    Raises:
+        LoraConfigError: the equation cannot be parsed, does not fit the
+            kernel's shape, or has no matrix view (quoting the equation).
 
     Example:
     >>> info = analyze_equation("btd,ndh->btnh", (4, 16, 8))
@@ -84,10 +99,20 @@ class LoRAEinsumDense(LoRALayer):
     The kernel is read as a matrix `(in_features, out_features)`, where
     `in_features` is the product of the dims contracted with the input (in
     kernel order) and `out_features` the product of the dims it produces (in
-    output-subscript order, so head-major like HF's `q_proj`). `A` is
-    `(rank, in_features)` and `B` is `(rank, out_features)`: the update `A.T @ B` has rank
-    at most `rank` (Keras' own EinsumDense LoRA gives Gemma's query an A of
-    shape `(heads, d, rank)`, an update of rank `heads * rank`).
+    output-subscript order, so head-major like HF's `q_proj`); see
+    `analyze_equation`. `A` is `(rank, in_features)` and `B` is
+    `(rank, out_features)`: the update `A.T @ B` has rank at most `rank`
+    (Keras' own EinsumDense LoRA gives Gemma's query an A of shape
+    `(heads, d, rank)`, an update of rank `heads * rank`).
+
+    Args:
+        layer: the `keras.layers.EinsumDense` to wrap (frozen by the wrapper).
+        rank: int. Rank of the update, at most `min(in_features, out_features)`.
+        alpha: float. Scaling numerator: `scaling = alpha / rank`.
+        dropout: float. Dropout rate on the LoRA branch's input, in `[0, 1)`.
+        rslora: bool. Rank-stabilised scaling `alpha / sqrt(rank)`.
+        init: str. `"kaiming"` or `"gaussian"`: the initialiser of `A`.
+        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Example:
     >>> import keras, numpy as np
@@ -103,40 +128,45 @@ class LoRAEinsumDense(LoRALayer):
 
     wrapped_class = keras.layers.EinsumDense
 
+    @classmethod
+    def matrix_shape(cls, layer):
+        """`(in_features, out_features)` of the kernel's matrix view (see `analyze_equation`).
+
+        Args:
+            layer: a built `keras.layers.EinsumDense`.
+
+        Example:
+        >>> import keras
+        >>> q = keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(None, 4, 8))
+        >>> q.build((None, None, 16))
+        >>> LoRAEinsumDense.matrix_shape(q)
+        (16, 32)
+        """
+        info = analyze_equation(layer.equation, layer.kernel.shape)
+        return info["in_features"], info["out_features"]
+
     def build(self, input_shape=None):
-        if not self.wrapped.built:
-            self.wrapped.build(input_shape)
-        self._einsum = analyze_equation(self.wrapped.equation, self.wrapped.kernel.shape)
         super().build(input_shape)
-
-    @property
-    def in_features(self):
-        return self._einsum["in_features"]
-
-    @property
-    def out_features(self):
-        return self._einsum["out_features"]
+        # The einsum equations and shapes `call` and `merge` use.
+        self._einsum = analyze_equation(self.wrapped.equation, self.wrapped.kernel.shape)
 
     def _base_linear(self, inputs):
-        y = ops.einsum(self.wrapped.equation, inputs, self.wrapped.kernel)
+        outputs = ops.einsum(self.wrapped.equation, inputs, self.wrapped.kernel)
         if self.wrapped.bias is not None:
-            y = ops.add(y, self.wrapped.bias)
-        return y
+            outputs = ops.add(outputs, self.wrapped.bias)
+        return outputs
 
-    def _apply_a(self, inputs, a):
-        a = ops.reshape(a, self._einsum["a_shape"] + (self.rank,))
-        return ops.einsum(self._einsum["eq_a"], inputs, a)
-
-    def _apply_b(self, hidden, b):
-        b = ops.reshape(b, (self.rank,) + self._einsum["b_shape"])
-        return ops.einsum(self._einsum["eq_b"], hidden, b)
+    def _lora_delta(self, x):
+        info = self._einsum
+        if info["flat"]:
+            # Same products on the 2-D (tokens, in_features) view: faster gradients under XLA.
+            return self._flat_lora_delta(x, len(info["contracted"]), info["b_shape"])
+        a = ops.reshape(ops.transpose(self.lora_A), info["a_shape"] + (self.rank,))
+        b = ops.reshape(self.lora_B, (self.rank,) + info["b_shape"])
+        # Scale the thin (..., rank) intermediate, not the wide output.
+        hidden = ops.multiply(ops.einsum(info["eq_a"], x, a), ops.cast(self.scaling, x.dtype))
+        return ops.einsum(info["eq_b"], hidden, b)
 
     def _delta_to_kernel_layout(self, delta):
         delta = ops.reshape(delta, self._einsum["a_shape"] + self._einsum["b_shape"])
         return ops.transpose(delta, self._einsum["to_kernel"])
-
-    def _lora_delta(self, x):
-        if self._einsum["flat"]:
-            # Same products on the 2-D (tokens, in_features) view: faster gradients under XLA.
-            return self._flat_lora_delta(x, len(self._einsum["contracted"]), self._einsum["b_shape"])
-        return super()._lora_delta(x)

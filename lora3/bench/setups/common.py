@@ -12,6 +12,8 @@ import statistics
 import sys
 import time
 
+import numpy as np
+
 # T5 architectures (keras-hub `T5Backbone` arguments). `small` is FLAN-T5-small
 # (76,961,152 params, untied), `base` is FLAN-T5-base (247,577,856 params).
 MODELS = {
@@ -74,8 +76,6 @@ def peak_device_mb():
 
 def batch_arrays(spec, vocab):
     """The synthetic batch (numpy): token ids, all-ones masks, targets."""
-    import numpy as np
-
     rng = np.random.default_rng(spec["seed"])
     b, e, d = spec["batch"], spec["enc_len"], spec["dec_len"]
     return {

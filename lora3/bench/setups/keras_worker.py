@@ -16,6 +16,10 @@ import os
 import statistics
 import time
 
+import numpy as np
+
+import lora3
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lora3.bench.setups.common import (  # noqa: E402
@@ -65,8 +69,6 @@ def _prod(shape):
 
 def enable_keras_lora(model, targets, rank, alpha):
     """Keras' own `enable_lora`, on the layers lora3 would wrap (its default names match nothing on T5)."""
-    import lora3
-
     chosen = lora3.find_targets(model, targets)
     lora_vars = []
     for path, (layer, _role) in chosen.items():
@@ -80,8 +82,6 @@ def enable_keras_lora(model, targets, rank, alpha):
 
 def prepare(spec, model):
     """Applies the setup's adapter / freezing; returns the number of adapted layers."""
-    import lora3
-
     kind, targets = SETUPS[spec["setup"]]
     if kind == "full":
         return 0
@@ -156,8 +156,6 @@ def count_step_flops(model, x, y, spec):
 
 
 def run_train(spec):
-    import numpy as np
-
     arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
     y = arrays.pop("labels")
     x = arrays
@@ -196,10 +194,6 @@ def run_train(spec):
 def run_inference(spec):
     """Forward latency and generate() tokens/s: base, unmerged and merged adapters, round-robin."""
     keras = _keras()
-    import numpy as np
-
-    import lora3
-
     arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
     arrays.pop("labels")
     x = arrays

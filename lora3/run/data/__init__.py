@@ -17,16 +17,21 @@ with no copy at `data.path` downloads the official files once (`OFFICIAL`, sha25
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
 import os
 import random
 import re
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
 from lora3.fileio import sha256_file, staged_dir
+from lora3.run.cache import default_cache_dir
 from lora3.run.data import synthetic
 from lora3.run.data.readers import DataError, read_jsonl, read_split
 
@@ -110,12 +115,6 @@ def resolve_path(path: str | os.PathLike, *, what: str = "data.path") -> Path:
 
 def _fetch_official(name: str, path: str) -> Path:
     """The official files of dataset `name` (`OFFICIAL`), downloaded once into the lora3 cache."""
-    import gzip
-    import urllib.parse
-    import urllib.request
-
-    from lora3.run.cache import default_cache_dir
-
     spec = OFFICIAL[name]
     target = default_cache_dir() / "data" / spec["cache"]
     if all((target / f).is_file() for f in spec["files"]):
@@ -282,8 +281,6 @@ def _hash_files(directory: Path) -> dict:
 
 def can_reach(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     """A quick reachability probe, so that offline runs fail at once rather than after retries."""
-    import socket
-
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -303,7 +300,7 @@ def unreachable(cfg: Mapping[str, Any]) -> str | None:
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        import datasets
+        import datasets  # here: it reads HF_HUB_OFFLINE when imported, set just above
 
         datasets.load_dataset_builder("wmt16", "de-en")
         return None  # in the local datasets cache

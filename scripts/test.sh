@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, once under KERAS_BACKEND=jax and once under tensorflow.
 # Exits non-zero if either backend fails. Extra arguments go to pytest
-# (e.g. `bash scripts/test.sh -x tests/test_layers.py`); BACKENDS="jax" runs one.
+# (e.g. `bash scripts/test.sh -x tests/library/layers/`); BACKENDS="jax" runs one.
 #
 # The two passes run at the same time when the machine has 2 or more cores (much of
 # the suite is single-threaded: interpreter start-up, imports, tracing, compiling), each
@@ -11,6 +11,11 @@ cd "$(dirname "$0")/.."
 export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_ERROR_REPORTING=false WANDB_SILENT=true
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 backends=(${BACKENDS:-jax tensorflow})
+# Both passes: the backend-independent tests (@pytest.mark.one_backend) are shared between them (half
+# each, tests/conftest.py) instead of all running in the JAX pass.
+if [[ " ${backends[*]} " == *" jax "* && " ${backends[*]} " == *" tensorflow "* ]]; then
+  export LORA3_SPLIT_ONE_BACKEND=1
+fi
 ncpu=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 status_dir=$(mktemp -d)
 trap 'rm -rf "$status_dir"' EXIT

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,17 @@ def compose():
 
 
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.one_backend`: pure-Python behaviour that cannot differ by backend
-    (config validation, file parsing, parameter counting) runs in the JAX pass only."""
-    if BACKEND == "jax":
-        return
-    skip = pytest.mark.skip(reason="backend-independent: runs in the KERAS_BACKEND=jax pass")
+    """`@pytest.mark.one_backend`: pure-Python behaviour that cannot differ by backend (config validation,
+    file parsing, parameter counting) runs in one pass only: the JAX pass, or, when scripts/test.sh runs
+    both passes at once (LORA3_SPLIT_ONE_BACKEND=1), half of them in each (by a hash of the test's id), so
+    the two passes take about as long and neither runs a test the other runs."""
+    split = os.environ.get("LORA3_SPLIT_ONE_BACKEND") == "1"
+
+    def pass_of(item):
+        if not split:
+            return "jax"
+        return ("jax", "tensorflow")[zlib.crc32(item.nodeid.encode()) % 2]
+
     for item in items:
-        if item.get_closest_marker("one_backend"):
-            item.add_marker(skip)
+        if item.get_closest_marker("one_backend") and pass_of(item) != BACKEND:
+            item.add_marker(pytest.mark.skip(reason=f"backend-independent: runs in the KERAS_BACKEND={pass_of(item)} pass"))

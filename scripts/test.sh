@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 export WANDB_MODE="${WANDB_MODE:-offline}" WANDB_ERROR_REPORTING=false WANDB_SILENT=true
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 backends=(${BACKENDS:-jax tensorflow})
-# Both passes: the backend-independent tests (@pytest.mark.one_backend) are shared between them (half
-# each, tests/conftest.py) instead of all running in the JAX pass.
+# Both passes: the backend-independent tests (@pytest.mark.one_backend) are shared between them (each
+# test file in one pass, tests/conftest.py) instead of all running in the JAX pass.
 if [[ " ${backends[*]} " == *" jax "* && " ${backends[*]} " == *" tensorflow "* ]]; then
   export LORA3_SPLIT_ONE_BACKEND=1
 fi

@@ -55,14 +55,15 @@ def compose():
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.one_backend`: pure-Python behaviour that cannot differ by backend (config validation,
     file parsing, parameter counting) runs in one pass only: the JAX pass, or, when scripts/test.sh runs
-    both passes at once (LORA3_SPLIT_ONE_BACKEND=1), half of them in each (by a hash of the test's id), so
-    the two passes take about as long and neither runs a test the other runs."""
+    both passes at once (LORA3_SPLIT_ONE_BACKEND=1), each test file's in one of the two (by a hash of its
+    path: a file's module-scoped fixtures, such as the benchmark's run, are never built twice), so the
+    two passes take about as long and neither runs a test the other runs."""
     split = os.environ.get("LORA3_SPLIT_ONE_BACKEND") == "1"
 
     def pass_of(item):
         if not split:
             return "jax"
-        return ("jax", "tensorflow")[zlib.crc32(item.nodeid.encode()) % 2]
+        return ("jax", "tensorflow")[zlib.crc32(item.nodeid.split("::")[0].encode()) % 2]
 
     for item in items:
         if item.get_closest_marker("one_backend") and pass_of(item) != BACKEND:

@@ -34,7 +34,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora3.config import LoraConfig
 from lora3.errors import Lora3Error
@@ -50,6 +50,10 @@ SYNTHETIC_VARIANTS = ("all", "base", "shift")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DIST_MODES = ("none", "data_parallel", "model_parallel")
+DATA_FORMATS = ("auto", "jsonl", "plain")
+VERBOSITY = ("auto", 0, 1, 2)
+ON_INDIVISIBLE = ("replicate", "error")
+UNEVEN_BATCH = ("pad", "error")
 
 
 CONF_MODULE = "lora3.run.conf"  # conf/ of the source tree, shipped in the wheel under this name
@@ -78,8 +82,14 @@ class AppConfigError(Lora3Error):
 # `description` is what the error message says a value must be.
 
 
-def _one_of(*choices):
-    return Field(description="one of " + ", ".join(map(str, choices)))
+def Choice(*choices, kind=str):
+    """A value that must be one of `choices`: the check and the message's "one of ..." in one place."""
+    def check(value):
+        if value not in choices:
+            raise ValueError("not one of the choices")
+        return value
+
+    return Annotated[kind, AfterValidator(check), Field(description="one of " + ", ".join(map(str, choices)))]
 
 
 PositiveInt = Annotated[int, Field(gt=0, description="a positive integer")]
@@ -101,13 +111,13 @@ class _Node(BaseModel):
 class BaseConfig(_Node):
     """`model.base`: the small base the offline default trains once and adapts (lora3.run.pretrain)."""
 
-    variant: Annotated[str, _one_of(*SYNTHETIC_VARIANTS)] = "base"
-    direction: Annotated[str, _one_of(*DIRECTIONS)] = "de-en"
+    variant: Choice(*SYNTHETIC_VARIANTS) = "base"
+    direction: Choice(*DIRECTIONS) = "de-en"
     train_size: PositiveInt = 20000
     valid_size: PositiveInt = 200
-    tokenizer_variant: Annotated[str, _one_of(*SYNTHETIC_VARIANTS)] = "all"
+    tokenizer_variant: Choice(*SYNTHETIC_VARIANTS) = "all"
     tokenizer_size: PositiveInt = 8000
-    mono_variant: Annotated[str, _one_of(*SYNTHETIC_VARIANTS)] = "all"
+    mono_variant: Choice(*SYNTHETIC_VARIANTS) = "all"
     mono_size: NonNegInt = 10000
     mono_noise: UnitNum = 0.15
     data: Optional[dict[str, Any]] = None      # a data config: a source task from files (e.g. Multi30K)
@@ -124,20 +134,12 @@ class BaseConfig(_Node):
     eval_every: PositiveInt = 200
     eval_samples: PositiveInt = 64
 
-    @field_validator("variant", "tokenizer_variant", "mono_variant")
-    @classmethod
-    def _variant(cls, v):
-        return _choice(v, SYNTHETIC_VARIANTS)
 
-    @field_validator("direction")
-    @classmethod
-    def _direction(cls, v):
-        return _choice(v, DIRECTIONS)
 
 
 class ModelConfig(_Node):
     name: NonEmptyStr = "model"
-    family: Annotated[str, _one_of(*FAMILIES)] = "t5"
+    family: Choice(*FAMILIES) = "t5"
     preset: Optional[NonEmptyStr] = None
     gguf: Optional[NonEmptyStr] = None
     config: Optional[dict[str, Any]] = None
@@ -148,10 +150,6 @@ class ModelConfig(_Node):
         'e.g. "Translate German to English: {source}\\nEnglish:"'))]] = None
     completion_prefix: Optional[Annotated[str, Field(description="a string")]] = None
 
-    @field_validator("family")
-    @classmethod
-    def _family(cls, v):
-        return _choice(v, FAMILIES)
 
     @field_validator("prompt_template")
     @classmethod
@@ -172,49 +170,29 @@ class DataConfig(_Node):
     """`data`: one node for every source; keys a source does not use are ignored by it."""
 
     name: Optional[str] = None
-    source: Annotated[str, _one_of(*DATA_SOURCES)] = "synthetic"
+    source: Choice(*DATA_SOURCES) = "synthetic"
     path: Optional[str] = None
     valid_path: Optional[str] = None
-    format: Annotated[str, _one_of("auto", "jsonl", "plain")] = "auto"
+    format: Choice(*DATA_FORMATS) = "auto"
     train_split: Optional[str] = None
     valid_split: Optional[str] = None
     test_split: Optional[str] = None
     valid_fraction: Annotated[float, Field(gt=0, lt=1, description="a number in (0, 1)")] = 0.05
-    variant: Annotated[str, _one_of(*SYNTHETIC_VARIANTS)] = "shift"
+    variant: Choice(*SYNTHETIC_VARIANTS) = "shift"
     train_size: PositiveInt = 4000
     valid_size: PositiveInt = 300
-    direction: Annotated[str, _one_of(*DIRECTIONS)] = "de-en"
+    direction: Choice(*DIRECTIONS) = "de-en"
     prefix: Annotated[str, Field(description='a string ("auto" for the T5 prefix, "" for none)')] = "auto"
     max_source_length: PositiveInt = 48
     max_target_length: PositiveInt = 48
-    overlong: Annotated[str, _one_of(*OVERLONG)] = "truncate"
+    overlong: Choice(*OVERLONG) = "truncate"
     max_train: Optional[PositiveInt] = None
     max_valid: Optional[PositiveInt] = None
 
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v):
-        return _choice(v, DATA_SOURCES)
 
-    @field_validator("format")
-    @classmethod
-    def _format(cls, v):
-        return _choice(v, ("auto", "jsonl", "plain"))
 
-    @field_validator("variant")
-    @classmethod
-    def _variant(cls, v):
-        return _choice(v, SYNTHETIC_VARIANTS)
 
-    @field_validator("direction")
-    @classmethod
-    def _direction(cls, v):
-        return _choice(v, DIRECTIONS)
 
-    @field_validator("overlong")
-    @classmethod
-    def _overlong(cls, v):
-        return _choice(v, OVERLONG)
 
 
 class TrainerConfig(_Node):
@@ -224,31 +202,19 @@ class TrainerConfig(_Node):
     lr: PositiveNum = 3e-3
     weight_decay: NonNegNum = 0.01
     warmup_steps: NonNegInt = 30
-    schedule: Annotated[str, _one_of(*SCHEDULES)] = "cosine"
+    schedule: Choice(*SCHEDULES) = "cosine"
     min_lr_ratio: UnitNum = 0.1
     grad_clip: Optional[PositiveNum] = 1.0
-    precision: Annotated[str, _one_of(*PRECISIONS)] = "float32"
+    precision: Choice(*PRECISIONS) = "float32"
     jit_compile: Bool = True
     keep_checkpoints: PositiveInt = 2
-    verbose: Annotated[Union[str, int], _one_of("auto", 0, 1, 2)] = "auto"
+    verbose: Choice(*VERBOSITY, kind=Union[str, int]) = "auto"
     skip_nonfinite: Bool = False
     inject_nonfinite_steps: Annotated[list[PositiveInt], Field(
         description="a list of optimizer steps (positive integers), e.g. [3] or []")] = []
 
-    @field_validator("schedule")
-    @classmethod
-    def _schedule(cls, v):
-        return _choice(v, SCHEDULES)
 
-    @field_validator("precision")
-    @classmethod
-    def _precision(cls, v):
-        return _choice(v, PRECISIONS)
 
-    @field_validator("verbose")
-    @classmethod
-    def _verbose(cls, v):
-        return _choice(v, ("auto", 0, 1, 2))
 
     @model_validator(mode="after")
     def _length(self):
@@ -269,7 +235,7 @@ class EvalConfig(_Node):
 
 
 class WandbConfig(_Node):
-    mode: Annotated[str, _one_of(*WANDB_MODES)] = "offline"
+    mode: Choice(*WANDB_MODES) = "offline"
     project: NonEmptyStr = "lora3"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -277,40 +243,24 @@ class WandbConfig(_Node):
     tags: list[str] = []
     log_every: PositiveInt = 10
 
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v):
-        return _choice(v, WANDB_MODES)
 
 
 class DistributionConfig(_Node):
     """`distribution` (lora3.run.distribution): keras.distribution on JAX."""
 
-    mode: Annotated[str, _one_of(*DIST_MODES)] = "none"
+    mode: Choice(*DIST_MODES) = "none"
     devices: Optional[PositiveInt] = None
     mesh_shape: Optional[Annotated[list[PositiveInt], Field(
         min_length=2, max_length=2, description="[batch, model] (two positive integers) or null")]] = None
     model_size: PositiveInt = 1
-    on_indivisible: Annotated[str, _one_of("replicate", "error")] = "replicate"
-    uneven_batch: Annotated[str, _one_of("pad", "error")] = "pad"
+    on_indivisible: Choice(*ON_INDIVISIBLE) = "replicate"
+    uneven_batch: Choice(*UNEVEN_BATCH) = "pad"
     coordinator: Optional[str] = None
     num_processes: PositiveInt = 1
     process_id: NonNegInt = 0
 
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, v):
-        return _choice(v, DIST_MODES)
 
-    @field_validator("on_indivisible")
-    @classmethod
-    def _indivisible(cls, v):
-        return _choice(v, ("replicate", "error"))
 
-    @field_validator("uneven_batch")
-    @classmethod
-    def _uneven(cls, v):
-        return _choice(v, ("pad", "error"))
 
     @model_validator(mode="after")
     def _processes(self):
@@ -333,10 +283,10 @@ class AppConfig(_Node):
     rank: PositiveInt = 8
     alpha: PositiveNum = 16
     targets: Targets = "qv"
-    backend: Annotated[str, _one_of(*BACKENDS)] = "jax"
+    backend: Choice(*BACKENDS) = "jax"
     seed: NonNegInt = 0
     resume: Bool = False
-    finetune: Annotated[str, _one_of(*FINETUNE)] = "lora"
+    finetune: Choice(*FINETUNE) = "lora"
     objective: Annotated[str, Field(description='a metric path like "best/val/bleu", "final/val/loss"')] = "best/val/bleu"
     cache_dir: Optional[str] = None
     model: ModelConfig = ModelConfig()
@@ -358,15 +308,7 @@ class AppConfig(_Node):
                 raise ValueError(f"lora.{key} is not a key of the config {unknown_key_hint('lora.' + key)}")
         return LoraConfig(**{k: list(x) if isinstance(x, (list, tuple)) else x for k, x in v.items()})
 
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, v):
-        return _choice(v, BACKENDS)
 
-    @field_validator("finetune")
-    @classmethod
-    def _finetune(cls, v):
-        return _choice(v, FINETUNE)
 
     @field_validator("objective")
     @classmethod
@@ -392,12 +334,6 @@ class AppConfig(_Node):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-def _choice(value, choices):
-    if value not in choices:
-        raise ValueError("not one of the choices")
-    return value
 
 
 # ---------------------------------------------------------------- validation and its messages

@@ -12,6 +12,11 @@ on first access (PEP 562 `__getattr__` below); `LoraConfig` and the errors are p
     print(report)
     model.compile(...); model.fit(...)
     lora3.save_adapter(model, "adapter/")
+
+Several named adapters on one model, as PEFT: `apply_lora(..., adapter_name="b")` or
+`load_adapter(..., adapter_name="b")` adds one; `set_adapter(model, "b")` makes it the one that
+runs and trains; `with disable_adapters(model):` runs the base model; `delete_adapter`,
+`add_weighted_adapter` (see `lora3.adapter_set`).
 """
 
 import importlib
@@ -36,6 +41,15 @@ _LAZY = {
     "merge_and_unload": "lora3.adapters",
     "base_fingerprint": "lora3.adapters",
     "load_model": "lora3.saving",
+    "save_peft_adapter": "lora3.peft_format",
+    "load_peft_adapter": "lora3.peft_format",
+    "is_peft_adapter": "lora3.peft_format",
+    "set_adapter": "lora3.adapter_set",
+    "disable_adapters": "lora3.adapter_set",
+    "delete_adapter": "lora3.adapter_set",
+    "active_adapter": "lora3.adapter_set",
+    "adapter_names": "lora3.adapter_set",
+    "add_weighted_adapter": "lora3.adapter_set",
 }
 
 __all__ = ["LoraConfig", "AdapterError", "LoraConfigError", "Lora3Error", "__version__", *_LAZY]

@@ -16,6 +16,11 @@ An adapter directory holds two files, both plain data:
 
 Nothing backend-specific is written, so an adapter saved under JAX loads under
 TensorFlow.
+
+`save_adapter(..., format="peft")` and `load_adapter` also write and read Hugging Face PEFT's
+format (`lora3.peft_format`). A file holds one adapter and not its name (as PEFT's): the tensor
+keys are the same whatever the adapter is called in the model, so any adapter
+of a model can be saved, and loaded under any name (`adapter_name=`).
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 import lora3
-from lora3.config import LoraConfig
+from lora3.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from lora3.errors import AdapterError, LoraConfigError
 from lora3.fileio import sha256_file, staged_dir
+from lora3.peft_format import is_peft_adapter, load_peft_adapter, save_peft_adapter
 from lora3.report import LoraReport
 from lora3.surgery import (
+    _train_also_patterns,
     apply_plan,
     backbone_of,
     lora_layers,
@@ -49,6 +56,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 EXTRA_NAME = "extra_weights.safetensors"
 FORMAT_VERSION = 1
+FORMATS = ("lora3", "peft")
 # Config keys excluded from the fingerprint: they do not change the architecture.
 _VOLATILE_KEYS = ("name", "dtype", "trainable")
 _REQUIRED = {
@@ -102,23 +110,36 @@ def base_fingerprint(model) -> str:
 
 
 
-def save_adapter(model, directory, overwrite=True) -> str:
-    """Writes the model's LoRA weights and settings to `directory`.
+def save_adapter(model, directory, overwrite=True, adapter_name=None, format="lora3",
+                 base_model_name_or_path=None) -> str:
+    """Writes one adapter's LoRA weights and settings to `directory`.
+
+    In lora3's format (below), or with `format="peft"` in Hugging Face
+    PEFT's (`adapter_config.json` + `adapter_model.safetensors`, for
+    keras-hub T5, Gemma and Gemma 3: `lora3.peft_format.save_peft_adapter`).
 
     The directory is written whole or not at all: files go to a temporary
     directory beside it, which then replaces it (`lora3.fileio.staged_dir`).
+    Weights outside LoRA go to `extra_weights.safetensors`: for the active
+    adapter every other trainable weight (its `train_also`), for an inactive
+    one the weights its `train_also` names.
 
     Args:
         model: a model with LoRA layers (`apply_lora` or `load_adapter`).
         directory: str or path. The adapter directory to write.
         overwrite: bool. With `False` an existing directory is refused.
+        adapter_name: str or None. The adapter to save; `None` for the
+            active one.
+        format: str. `"lora3"` or `"peft"`.
+        base_model_name_or_path: str or None. With `format="peft"`: the
+            base model's name written into PEFT's config.
 
     Returns:
         The absolute path of the directory, a str.
 
     Raises:
-        AdapterError: the model has no LoRA layers, or `directory` exists
-            and `overwrite=False`.
+        AdapterError: the model has no LoRA layers or no such adapter, or
+            `directory` exists and `overwrite=False`.
 
     Example:
     >>> import os, tempfile, keras_hub, lora3
@@ -131,6 +152,11 @@ def save_adapter(model, directory, overwrite=True) -> str:
     >>> sorted(os.listdir(path))
     ['adapter.safetensors', 'adapter_config.json']
     """
+    if format not in FORMATS:
+        raise AdapterError(f"format={format!r} is not an adapter format; use one of: {', '.join(FORMATS)}")
+    if format == "peft":
+        return save_peft_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
+                                 overwrite=overwrite, adapter_name=adapter_name)
     wrappers = lora_layers(model)
     if not wrappers:
         raise AdapterError("the model has no LoRA layers to save; call lora3.apply_lora(model, ...) first")
@@ -138,17 +164,28 @@ def save_adapter(model, directory, overwrite=True) -> str:
     if os.path.exists(directory) and not overwrite:
         raise AdapterError(f"{directory} already exists; pass overwrite=True or choose another directory")
     state = lora_state(model)
-    config = state.lora_config if state else LoraConfig(rank=wrappers[0].rank, alpha=wrappers[0].alpha)
+    active = state.active if state else wrappers[0].active_adapter
+    name = active if adapter_name is None else adapter_name
+    known = list(state.adapters) if state else sorted({n for w in wrappers for n in w.adapter_names})
+    if name not in known:
+        raise AdapterError(f"the model has no adapter {name!r} (its adapters: {', '.join(known)})")
+    wrappers = [w for w in wrappers if name in w.adapter_names]
+    first = wrappers[0].get_adapter(name)
+    config = state.adapters[name].config if state else LoraConfig(rank=first.rank, alpha=first.alpha)
     tensors = {}
     for w in wrappers:
-        tensors[f"{w.path}/lora_A"] = np.ascontiguousarray(ops.convert_to_numpy(w.lora_A).T, dtype=np.float32)
-        tensors[f"{w.path}/lora_B"] = np.ascontiguousarray(ops.convert_to_numpy(w.lora_B), dtype=np.float32)
-    lora_ids = {id(w.lora_A) for w in wrappers} | {id(w.lora_B) for w in wrappers}
-    extra = {
-        v.path: np.ascontiguousarray(ops.convert_to_numpy(v), dtype=np.float32)
-        for v in model.trainable_weights
-        if id(v) not in lora_ids
-    }
+        adapter = w.get_adapter(name)
+        tensors[f"{w.path}/lora_A"] = np.ascontiguousarray(ops.convert_to_numpy(adapter.lora_A).T, dtype=np.float32)
+        tensors[f"{w.path}/lora_B"] = np.ascontiguousarray(ops.convert_to_numpy(adapter.lora_B), dtype=np.float32)
+    lora_ids = {id(v) for w in lora_layers(model) for n in w.adapter_names
+                for v in (w.get_adapter(n).lora_A, w.get_adapter(n).lora_B)}
+    if name == active:
+        candidates = [v for v in model.trainable_weights if id(v) not in lora_ids]
+    else:
+        # An inactive adapter's own weights are frozen: its train_also names them.
+        patterns = [p for _, p in _train_also_patterns(config.train_also)]
+        candidates = [v for v in model.weights if id(v) not in lora_ids and any(p.search(v.path) for p in patterns)]
+    extra = {v.path: np.ascontiguousarray(ops.convert_to_numpy(v), dtype=np.float32) for v in candidates}
     with staged_dir(directory) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "lora3"})
         if extra:
@@ -290,12 +327,19 @@ def _read_tensors(directory, meta, expected: dict, name=WEIGHTS_NAME, digest_key
     return path
 
 
-def load_adapter(model, directory, trainable=True) -> LoraReport:
-    """Loads an adapter saved by `save_adapter` onto `model`.
+def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER, format=None) -> LoraReport:
+    """Loads an adapter saved by `save_adapter` onto `model`, as adapter `adapter_name`.
+
+    The directory may hold lora3's format or Hugging Face PEFT's
+    (`adapter_model.safetensors`, read by
+    `lora3.peft_format.load_peft_adapter`): detected, or named by `format`.
 
     Applies the surgery the adapter records when the model has no LoRA layers
-    yet (or checks the existing ones match), then sets A and B, one layer's
-    tensors in memory at a time.
+    yet, or adds it as a new adapter beside the model's others (inactive, as
+    PEFT's `load_adapter`: `lora3.set_adapter` activates it), or, when the
+    model already has an adapter of that name, checks its layers match and
+    replaces its weights. A and B are set one layer's tensors in memory at a
+    time.
 
     Everything is checked before the model is touched: a base with another
     fingerprint or other shapes, a missing or extra tensor, a truncated or
@@ -307,13 +351,19 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
             backbone: both have the same fingerprint).
         directory: str or path. The adapter directory.
         trainable: bool. With `False` the LoRA (and `train_also`) weights
-            are frozen, for inference.
+            are frozen, for inference. An inactive adapter stays frozen
+            either way until `lora3.set_adapter` activates it.
+        adapter_name: str. The name the adapter gets in the model.
+        format: str or None. `"lora3"`, `"peft"`, or `None` to detect it
+            from the files.
 
     Returns:
         A `LoraReport`.
 
     Raises:
-        AdapterError: naming what does not fit or is damaged.
+        AdapterError: naming what does not fit or is damaged (also extra
+            weights for a second adapter: they would overwrite weights the
+            model's other adapters share).
 
     Example:
     >>> import os, tempfile, keras_hub, lora3
@@ -327,6 +377,16 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
     >>> len(report.rows), report.trainable_params
     (6, 0)
     """
+    if format not in (None, *FORMATS):
+        raise AdapterError(f"format={format!r} is not an adapter format; use one of: {', '.join(FORMATS)} "
+                           "(or None to detect it)")
+    if format == "peft" or (format is None and is_peft_adapter(directory)
+                            and not os.path.isfile(os.path.join(os.fspath(directory), WEIGHTS_NAME))):
+        return load_peft_adapter(model, directory, trainable=trainable, adapter_name=adapter_name)
+    try:
+        check_adapter_name(adapter_name)
+    except LoraConfigError as exc:
+        raise AdapterError(str(exc)) from None
     meta = read_adapter_config(directory)
     config = meta["lora_config"]
     fingerprint = base_fingerprint(model)
@@ -338,7 +398,9 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
             f"{fingerprint} (another architecture or size)"
         )
     paths = meta["layer_paths"]
-    existing = lora_layers(model)
+    state = lora_state(model)
+    existing = [w for w in lora_layers(model) if adapter_name in w.adapter_names]
+    adding = bool(lora_layers(model)) and not existing
     if existing:
         have = {w.path: w for w in existing}
         if set(have) != set(paths):
@@ -346,14 +408,15 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
                 f"the model already has LoRA on {len(have)} layers that differ from the adapter's "
                 f"{len(paths)} layers; call lora3.merge_and_unload(model) or load onto a fresh model"
             )
-        bad = [p for p in paths if have[p].rank != config.rank]
+        bad = [p for p in paths if have[p].get_adapter(adapter_name).rank != config.rank]
         if bad:
-            raise AdapterError(f"the model's LoRA rank on {bad[0]!r} is {have[bad[0]].rank}, the adapter's {config.rank}")
+            raise AdapterError(f"the model's LoRA rank on {bad[0]!r} is "
+                               f"{have[bad[0]].get_adapter(adapter_name).rank}, the adapter's {config.rank}")
         features = {p: (have[p].in_features, have[p].out_features) for p in paths}
         planned = None
     else:
         try:
-            planned = plan(model, config, layer_paths=paths)
+            planned = plan(model, config, layer_paths=paths, adapter_name=adapter_name)
         except LoraConfigError as exc:
             raise AdapterError(f"adapter in {os.fspath(directory)} does not fit this model: {exc}") from None
         features = {p: (entry.in_features, entry.out_features) for p, entry in planned.items()}
@@ -364,6 +427,11 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
     weights_path = _read_tensors(directory, meta, expected)
     extra_names = meta.get("extra_weights") or []
     extra_path = None
+    if extra_names and adding:
+        raise AdapterError(
+            f"adapter in {os.fspath(directory)} carries weights outside LoRA ({extra_names[:3]}); lora3 keeps one "
+            "copy of those, shared by every adapter, so it loads them only as a model's first adapter"
+        )
     if extra_names:
         variables = {v.path: v for v in model.weights}
         unknown = [n for n in extra_names if n not in variables]
@@ -384,17 +452,22 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
 
         if planned is not None:
             # New LoRA layers are created from the file's values (no initial draw to overwrite).
-            apply_plan(model, config, planned, initial_weights=read)
+            apply_plan(model, config, planned, initial_weights=read, adapter_name=adapter_name)
         else:
-            wrappers = {w.path: w for w in lora_layers(model)}
+            wrappers = {w.path: w for w in existing}
             for p in paths:
                 a, b = read(p)
-                wrappers[p].lora_A.assign(a)
-                wrappers[p].lora_B.assign(b)
+                adapter = wrappers[p].get_adapter(adapter_name)
+                adapter.lora_A.assign(a)
+                adapter.lora_B.assign(b)
                 del a, b
+    state = lora_state(model)
+    is_active = state is None or state.active == adapter_name
     for w in lora_layers(model):
-        w.lora_A.trainable = trainable
-        w.lora_B.trainable = trainable
+        if adapter_name in w.adapter_names:
+            adapter = w.get_adapter(adapter_name)
+            adapter.lora_A.trainable = trainable and is_active
+            adapter.lora_B.trainable = trainable and is_active
     if extra_path is not None:
         variables = {v.path: v for v in model.weights}
         with safe_open(extra_path, framework="numpy") as f:
@@ -406,16 +479,22 @@ def load_adapter(model, directory, trainable=True) -> LoraReport:
 
 
 def merge_and_unload(model):
-    """Merges every adapter into its kernel and puts the original layers back.
+    """Merges the active adapter into its kernels and puts the original layers back.
+
+    As PEFT's `merge_and_unload()`: only the active adapter is merged; the
+    model's other adapters are dropped with the wrappers (save them first
+    with `save_adapter(..., adapter_name=...)` to keep them). Inside
+    `lora3.disable_adapters` the active adapter is merged all the same.
 
     Args:
         model: a model with LoRA layers.
 
     Returns:
         The same model object, now a plain keras(-hub) model: no lora3 layer
-        is left, the kernels hold `W + s * A @ B`, and the trainable flags are
-        those the model had before `apply_lora` (see `lora3.surgery.unload`).
-        Its `save_to_preset` directory loads with stock keras-hub.
+        is left, the kernels hold `W + s * A @ B` of the active adapter, and
+        the trainable flags are those the model had before `apply_lora` (see
+        `lora3.surgery.unload`). Its `save_to_preset` directory loads with
+        stock keras-hub.
 
     Raises:
         AdapterError: the model has no LoRA layers.
@@ -442,5 +521,5 @@ def merge_and_unload(model):
     if not wrappers:
         raise AdapterError("the model has no LoRA layers to merge")
     for w in wrappers:
-        w.merge()
+        w.merge()  # the active adapter's update; nothing where the layer lacks it
     return unload(model)

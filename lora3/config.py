@@ -10,11 +10,61 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 from lora3.errors import LoraConfigError
 
 INITS = ("kaiming", "gaussian")
+# The adapter a surgery creates unless told otherwise (PEFT's default name too). Its variables keep
+# the plain names `lora_A`/`lora_B`; another adapter's are `lora_A_<name>`/`lora_B_<name>`.
+DEFAULT_ADAPTER = "default"
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_adapter_name(name) -> None:
+    """Checks an adapter's name: a non-empty string of letters, digits, `_` and `-`.
+
+    The name becomes part of variable names (`lora_A_<name>`) and paths, so
+    `/`, `.` and spaces are refused (PEFT refuses `.` too: its adapters are
+    keys of a `torch.nn.ModuleDict`).
+
+    Args:
+        name: str. The adapter's name.
+
+    Raises:
+        LoraConfigError: quoting the bad name.
+
+    Example:
+    >>> check_adapter_name("task_a")
+    >>> check_adapter_name("a/b")
+    Traceback (most recent call last):
+    ...
+    lora3.errors.LoraConfigError: adapter name 'a/b' is not valid: use letters, digits, '_' and '-'
+    """
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise LoraConfigError(f"adapter name {name!r} is not valid: use letters, digits, '_' and '-'")
+
+
+def variable_suffix(adapter_name) -> str:
+    """The suffix of an adapter's variable names: `""` for `"default"`, `"_<name>"` otherwise.
+
+    So the default adapter's variables stay `<layer.path>/lora_A` and
+    `<layer.path>/lora_B` (the paths adapter files, `.keras` files and
+    layout maps use), and adapter `"x"`'s are `<layer.path>/lora_A_x` and
+    `<layer.path>/lora_B_x`.
+
+    Args:
+        adapter_name: str. A valid adapter name.
+
+    Returns:
+        The suffix, a str.
+
+    Example:
+    >>> "lora_A" + variable_suffix("default"), "lora_A" + variable_suffix("x")
+    ('lora_A', 'lora_A_x')
+    """
+    return "" if adapter_name == DEFAULT_ADAPTER else f"_{adapter_name}"
 
 
 def check_scale(rank, alpha, dropout) -> None:

@@ -68,12 +68,17 @@ class AdaptedLayer:
         return self.rank * (self.in_features + self.out_features)
 
     @classmethod
-    def from_wrapper(cls, wrapper, role=None) -> "AdaptedLayer":
-        """The row of a built `lora3.layers.LoRALayer`.
+    def from_wrapper(cls, wrapper, role=None, adapter_name=None) -> "AdaptedLayer":
+        """The row of a built `lora3.layers.LoRALayer` (one of its adapters).
 
         Args:
             wrapper: a built `LoRALayer`.
             role: str or None. The role the surgery gave it.
+            adapter_name: str or None. The adapter whose rank the row shows;
+                `None` for the active one.
+
+        Returns:
+            An `AdaptedLayer`.
 
         Example:
         >>> import keras
@@ -84,7 +89,7 @@ class AdaptedLayer:
         AdaptedLayer(path='proj', role='o', kind='Dense', in_features=4, out_features=3, rank=1)
         """
         return cls(wrapper.path, role, type(wrapper.wrapped).__name__, wrapper.in_features,
-                   wrapper.out_features, wrapper.rank)
+                   wrapper.out_features, wrapper.get_adapter(adapter_name).rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +98,20 @@ class LoraReport:
 
     `trainable_params` counts every weight left trainable (LoRA plus
     `train_also`); `total_params` counts every weight of the model, LoRA
-    included (as PEFT's `print_trainable_parameters`). `str(report)` is the
-    table.
+    included, of every adapter (as PEFT's `print_trainable_parameters`).
+    `str(report)` is the table. The rows and the config are one adapter's
+    (`adapter_name`); a model with more adapters than the one `"default"`
+    gets one more line naming them and the active one.
 
     Args:
         rows: tuple of `AdaptedLayer`, in path order.
         trainable_params: int. Trainable float parameters of the model.
         total_params: int. All float parameters of the model.
         config: the `LoraConfig` of the surgery, or `None` when unknown.
+        adapters: tuple of str. The model's adapters, in the order added
+            (empty when unknown).
+        active_adapter: str or None. The adapter that runs and trains.
+        adapter_name: str or None. The adapter the rows and config describe.
 
     Example:
     >>> rows = (AdaptedLayer("block/query", "q", "Dense", 16, 16, rank=2),
@@ -115,12 +126,24 @@ class LoraReport:
     block/query  q     Dense  16   16           64
     block/value  v     Dense  16   16           64
     2 layers adapted (rank=2, alpha=4, scaling=2); trainable params: 128 || all params: 1,128 || trainable%: 11.3475
+    >>> two = LoraReport(rows, 128, 1256, LoraConfig(rank=2, alpha=4), adapters=("default", "b"),
+    ...                  active_adapter="default", adapter_name="b")
+    >>> print(two.table().splitlines()[-1])
+    adapters: default (active), b; rows and rank: b
     """
 
     rows: tuple
     trainable_params: int
     total_params: int
     config: LoraConfig | None = None
+    adapters: tuple = ()
+    active_adapter: str | None = None
+    adapter_name: str | None = None
+
+    @property
+    def multi_adapter(self) -> bool:
+        """Whether the model's adapters are other than the one `"default"` (the report then names them)."""
+        return tuple(self.adapters) not in ((), ("default",))
 
     @property
     def lora_params(self) -> int:
@@ -155,6 +178,9 @@ class LoraReport:
     def to_dict(self) -> dict:
         """The report as JSON-ready data (per-layer rows and the totals).
 
+        With adapters other than the one `"default"`, also `adapters`,
+        `active_adapter` and `adapter_name`.
+
         Example:
         >>> LoraReport((), trainable_params=0, total_params=10).to_dict()["base_params"]
         10
@@ -170,6 +196,8 @@ class LoraReport:
             "rank": self.rank,
             "alpha": self.alpha,
             "scaling": self.scaling,
+            **({"adapters": list(self.adapters), "active_adapter": self.active_adapter,
+                "adapter_name": self.adapter_name} if self.multi_adapter else {}),
         }
 
     def table(self, max_rows: int | None = None) -> str:
@@ -208,6 +236,9 @@ class LoraReport:
             f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
             f"|| trainable%: {self.percent:.4f}"
         )
+        if self.multi_adapter:
+            names = ", ".join(f"{n} (active)" if n == self.active_adapter else n for n in self.adapters)
+            lines.append(f"adapters: {names}; rows and rank: {self.adapter_name}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

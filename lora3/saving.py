@@ -6,7 +6,8 @@ record travels as an asset: `apply_lora` leaves a `LoraState` on the model,
 which keras' `model.save()` finds like any saveable attribute and whose
 `save_assets` writes `assets/.../_lora3/lora3.json` (config and adapted layer
 paths). `load_model` reads it, rebuilds the base model from the config,
-replays the surgery and loads every weight.
+replays the surgery (every adapter, in the order they were added, then the
+active one is set) and loads every weight.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import zipfile
 
 import keras
 
-from lora3.config import LoraConfig
+from lora3.adapter_set import set_adapter
+from lora3.config import DEFAULT_ADAPTER, LoraConfig
 from lora3.errors import AdapterError
 from lora3.surgery import STATE_ATTR, STATE_FILE, apply_lora
 
@@ -35,7 +37,8 @@ def load_model(path, compile=True, safe_mode=True, custom_objects=None):
         custom_objects: dict or None. As for `keras.saving.load_model`.
 
     Returns:
-        The model, with the LoRA layers and weights it was saved with.
+        The model, with the LoRA layers, adapters and weights it was saved
+        with, and the same adapter active.
 
     Raises:
         AdapterError: the file is not a `.keras` archive, or its
@@ -69,13 +72,25 @@ def load_model(path, compile=True, safe_mode=True, custom_objects=None):
             return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode, custom_objects=custom_objects)
         try:
             record = json.loads(archive.read(records[0]))  # the top-most: the saved model's own surgery
-            lora_config = LoraConfig.from_dict(record["config"])
-            layer_paths = record["layer_paths"]
-        except (KeyError, TypeError, ValueError) as exc:
+            # One entry per adapter, in the order they were added: replayed in that order, each
+            # wrapper creates its variables in the order the file stores them.
+            multi = "adapters" in record
+            surgeries = []
+            for entry in record["adapters"] if multi else [{"name": DEFAULT_ADAPTER, "config": record["config"]}]:
+                lora_config = LoraConfig.from_dict(entry["config"])
+                layer_paths = list(entry["layer_paths"] if multi else record["layer_paths"])
+                surgeries.append((entry["name"], lora_config, layer_paths))
+            active = record.get("active_adapter", surgeries[0][0])
+            if active not in [name for name, _, _ in surgeries]:
+                raise ValueError(f"active_adapter {active!r} is none of the recorded adapters")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AdapterError(f"{path}: {records[0]} is not a readable lora3 record: {exc}") from None
     compile_config = config.pop("compile_config", None)
     model = keras.saving.deserialize_keras_object(config, custom_objects=custom_objects, safe_mode=safe_mode)
-    apply_lora(model, lora_config, layer_paths=layer_paths)
+    for name, lora_config, layer_paths in surgeries:
+        apply_lora(model, lora_config, layer_paths=layer_paths, adapter_name=name)
+    if active != surgeries[0][0]:
+        set_adapter(model, active)
     model.load_weights(path)
     if compile and compile_config:
         model.compile_from_config(compile_config)

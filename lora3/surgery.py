@@ -7,10 +7,16 @@ parent's attributes, lists and dicts, and in the tracker's layer store, which
 is what `setattr` would have done on an unbuilt layer. Wrappers are built under
 the wrapped layer's parent path, so `wrapper.path == layer.path`.
 
-What a surgery did is kept on the model as `model._lora3` (a `LoraState`): the
-config, each adapted layer's role, and the trainable flags to restore on
-`unload`. Keras' `model.save("x.keras")` writes it into the archive (see
-`LoraState`), so `lora3.load_model` can replay the surgery.
+What a surgery did is kept on the model as `model._lora3` (a `LoraState`): per
+adapter its config and each adapted layer's role, which adapter is active, and
+the trainable flags to restore on `unload`. Keras' `model.save("x.keras")`
+writes it into the archive (see `LoraState`), so `lora3.load_model` can replay
+the surgery.
+
+A model may hold several named adapters (`apply_lora(..., adapter_name=...)`):
+a second surgery adds its adapter to the wrappers already in place and wraps
+the layers only it targets. Switching, disabling, deleting and combining
+adapters is in `lora3.adapter_set`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import NamedTuple
 import keras
 
 from lora3 import targets as targets_lib
-from lora3.config import LoraConfig
+from lora3.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from lora3.errors import LoraConfigError
 from lora3.fileio import atomic_write_text
 from lora3.layers import LoRADense, LoRAEinsumDense, LoRALayer
@@ -66,6 +72,33 @@ class PlannedLayer(NamedTuple):
     out_features: int
 
 
+class AdapterRecord(NamedTuple):
+    """One adapter of a model, as its `LoraState` records it.
+
+    Args:
+        config: the `LoraConfig` the adapter was made with.
+        roles: dict. Adapted layer path -> role (or `None`), in model order.
+
+    Example:
+    >>> AdapterRecord(LoraConfig(rank=2), {"block/query": "q"}).config.rank
+    2
+    """
+
+    config: LoraConfig
+    roles: dict
+
+
+class _Unsaved:
+    """What a `LoraState` keeps that keras' saving must not see: saving walks the state's
+    attributes and writes every optimizer and layer it meets (inside lists and dicts too) into
+    the `.keras` file, where a freshly replayed state would not have them."""
+
+    def __init__(self):
+        self.optimizers = {}  # adapter name -> its built optimizer, while another adapter is active
+        self.current_optimizer = None  # the one lora3 last gave the model (another: it was recompiled)
+        self.released = []  # (path, layer) given back by `delete_adapter` while other adapters stay
+
+
 class LoraState(keras.layers.Layer):
     """What `apply_lora` did to a model, kept on it as `model._lora3`.
 
@@ -77,30 +110,75 @@ class LoraState(keras.layers.Layer):
     config and the adapted layer paths) as `lora3.json` into the archive.
     `lora3.load_model` reads it back and replays the surgery.
 
+    `adapters` maps each adapter's name to its `AdapterRecord`, in the order
+    they were added; `active` names the one that runs. `lora_config` and
+    `roles` are the active adapter's.
+
     Args:
-        lora_config: the `LoraConfig` of the surgery.
+        lora_config: the `LoraConfig` of the first surgery.
         roles: dict. Adapted layer path -> role (or `None`), in model order.
         trainable_flags: dict. `id(variable)` -> its `trainable` flag before
             the surgery, for every weight of the model.
         wrapped_trainable: dict. Adapted layer path -> the wrapped layer's
             `trainable` flag before the surgery.
+        adapter_name: str. The name of the first surgery's adapter.
 
     Example:
     >>> state = LoraState(LoraConfig(rank=2), {"block/query": "q"}, {}, {})
     >>> state.record()
     {'config': {'rank': 2, 'alpha': 16.0, 'targets': 'qv', 'dropout': 0.0, 'rslora': False, 'init': 'kaiming', 'layers': None, 'train_also': []}, 'layer_paths': ['block/query']}
+    >>> state.add_adapter("b", LoraConfig(rank=1), {"block/value": "v"})
+    >>> [a["name"] for a in state.record()["adapters"]], state.record()["active_adapter"]
+    (['default', 'b'], 'default')
     """
 
-    def __init__(self, lora_config, roles, trainable_flags, wrapped_trainable, **kwargs):
+    def __init__(self, lora_config, roles, trainable_flags, wrapped_trainable, adapter_name=DEFAULT_ADAPTER,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.lora_config = lora_config
-        self.roles = dict(roles)
+        # Plain attributes (not keras-tracked containers): the records hold no keras objects.
+        object.__setattr__(self, "adapters", {adapter_name: AdapterRecord(lora_config, dict(roles))})
+        object.__setattr__(self, "unsaved", _Unsaved())
+        self.active = adapter_name
+        self.disabled = False
         self.trainable_flags = dict(trainable_flags)
         self.wrapped_trainable = dict(wrapped_trainable)
 
+    @property
+    def lora_config(self):
+        """The active adapter's `LoraConfig`."""
+        return self.adapters[self.active].config
+
+    @property
+    def roles(self):
+        """The active adapter's layers: path -> role (or `None`)."""
+        return self.adapters[self.active].roles
+
+    def add_adapter(self, name, config, roles):
+        """Records one more adapter (not made active).
+
+        Args:
+            name: str. Its name.
+            config: its `LoraConfig`.
+            roles: dict. Its layers: path -> role.
+
+        Example: see the class.
+        """
+        self.adapters[name] = AdapterRecord(config, dict(roles))
+
     def record(self) -> dict:
-        """The surgery as JSON-ready data: `{"config": ..., "layer_paths": [...]}` (see the class's example)."""
-        return {"config": self.lora_config.to_dict(), "layer_paths": list(self.roles)}
+        """The surgery as JSON-ready data (see the class's example).
+
+        `{"config": ..., "layer_paths": [...]}` of the active adapter; when
+        the adapters are more than the one `"default"`, also
+        `"active_adapter"` and `"adapters"`: `[{"name", "config",
+        "layer_paths"}, ...]` in the order they were added.
+        """
+        record = {"config": self.lora_config.to_dict(), "layer_paths": list(self.roles)}
+        if list(self.adapters) != [DEFAULT_ADAPTER]:
+            record["active_adapter"] = self.active
+            record["adapters"] = [{"name": name, "config": r.config.to_dict(), "layer_paths": list(r.roles)}
+                                  for name, r in self.adapters.items()]
+        return record
 
     def save_assets(self, dir_path):
         """Called by keras' `model.save()`: writes `record()` to `<dir_path>/lora3.json`.
@@ -211,23 +289,32 @@ def find_targets(model, targets="qv", layers=None) -> dict:
     return _find(model, _parents_of(model), targets, layers)
 
 
-def plan(model, config: LoraConfig, layer_paths=None) -> dict:
+def plan(model, config: LoraConfig, layer_paths=None, adapter_name=DEFAULT_ADAPTER) -> dict:
     """Checks everything `apply_lora` would do, without changing the model.
+
+    On a model that already has LoRA, the plan adds the adapter
+    `adapter_name`: targets are found among the wrapped layers too (an
+    entry whose `parents` hold a `LoRALayer` gets the adapter added to that
+    wrapper).
 
     Args:
         model: the model to adapt.
         config: the `LoraConfig`.
         layer_paths: list of str or None. The exact layers to adapt (adapter
             loading) instead of those `config.targets` names.
+        adapter_name: str. The name of the adapter the surgery will add.
 
     Returns:
         `{path: PlannedLayer}`, for `apply_plan`.
 
     Raises:
-        LoraConfigError: the model already has LoRA layers, a target matches
-            nothing, a layer cannot be wrapped (a node of a functional graph,
-            quantized, too small for the rank, ...) or a `train_also` entry
-            matches no weight. Nothing has changed then.
+        LoraConfigError: the model already has an adapter of that name (or
+            LoRA layers lora3 has no record of), the name is invalid, a
+            second adapter asks for `train_also` (those weights are not
+            copied per adapter), a target matches nothing, a layer cannot be
+            wrapped (a node of a functional graph, quantized, too small for
+            the rank, ...) or a `train_also` entry matches no weight.
+            Nothing has changed then.
 
     Example:
     >>> import keras
@@ -239,16 +326,26 @@ def plan(model, config: LoraConfig, layer_paths=None) -> dict:
     ...
     lora3.errors.LoraConfigError: layer 'out' is a node of the functional model ...
     """
-    if lora_layers(model):
-        raise LoraConfigError(
-            "this model already has LoRA layers (surgery applied twice); "
-            "use lora3.merge_and_unload(model) first, or load_adapter to replace the weights"
-        )
+    check_adapter_name(adapter_name)
+    existing = bool(lora_layers(model))
+    if existing:
+        state = lora_state(model)
+        if state is None or adapter_name in state.adapters:
+            what = f"an adapter named {adapter_name!r}" if state is not None else "LoRA layers"
+            raise LoraConfigError(
+                f"this model already has {what} (surgery applied twice); pass another adapter_name to add "
+                "an adapter, use lora3.merge_and_unload(model) first, or load_adapter to replace the weights"
+            )
+        if config.train_also:
+            raise LoraConfigError(
+                f"adapter {adapter_name!r}: train_also={list(config.train_also)} is only available to a model's "
+                "first adapter (lora3 keeps one copy of those weights, which every adapter would share)"
+            )
     table = _parents_of(model)  # one walk of the model serves the search and the parent lookup
     if layer_paths is None:
-        chosen = _find(model, table, config.targets, config.layers)
+        chosen = _find(model, table, config.targets, config.layers, include_wrapped=existing)
     else:
-        everything = _find(model, table, ".*", None)
+        everything = _find(model, table, ".*", None, include_wrapped=existing)
         missing = [p for p in layer_paths if p not in everything]
         if missing:
             raise LoraConfigError(
@@ -279,11 +376,15 @@ def plan(model, config: LoraConfig, layer_paths=None) -> dict:
     return result
 
 
-def apply_lora(model, config: LoraConfig | None = None, *, layer_paths=None, **overrides) -> LoraReport:
+def apply_lora(model, config: LoraConfig | None = None, *, layer_paths=None, adapter_name=DEFAULT_ADAPTER,
+               **overrides) -> LoraReport:
     """Wraps the layers `config.targets` names with LoRA, in place, and freezes the rest.
 
     Everything is checked first (`plan`): a refused surgery leaves the model
-    as it was.
+    as it was. On a model that already has LoRA, a new `adapter_name` adds
+    that adapter beside the others, as PEFT's `add_adapter`: it joins the
+    wrappers already in place, wraps the layers only it targets, and is
+    neither active nor trainable until `lora3.set_adapter(model, name)`.
 
     Args:
         model: a built keras-hub task (`T5Seq2SeqLM`, `GemmaCausalLM`, ...)
@@ -293,11 +394,14 @@ def apply_lora(model, config: LoraConfig | None = None, *, layer_paths=None, **o
             (`apply_lora(model, rank=4, targets="all_linear")`).
         layer_paths: list of str or None. Adapt exactly these layers instead
             of those `config.targets` names.
+        adapter_name: str. The adapter's name (variables of an adapter other
+            than `"default"` are `<layer.path>/lora_A_<name>`, `.../lora_B_<name>`).
         **overrides: `LoraConfig` fields, applied over `config`.
 
     Returns:
-        A `LoraReport` (print it for a table). Compile the model again before
-        `fit()` or `generate()`: compiled functions are reset here.
+        A `LoraReport` of the new adapter (print it for a table). Compiled
+        functions are reset here, so the next `fit()`/`predict()`/`generate()`
+        traces the new layers.
 
     Raises:
         LoraConfigError: see `plan`.
@@ -314,10 +418,11 @@ def apply_lora(model, config: LoraConfig | None = None, *, layer_paths=None, **o
         config = LoraConfig(**overrides)
     elif overrides:
         config = LoraConfig(**{**config.to_dict(), **overrides})
-    return apply_plan(model, config, plan(model, config, layer_paths))
+    return apply_plan(model, config, plan(model, config, layer_paths, adapter_name), adapter_name=adapter_name)
 
 
-def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -> LoraReport:
+def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None,
+               adapter_name=DEFAULT_ADAPTER) -> LoraReport:
     """Carries out a surgery `plan()` has checked.
 
     Args:
@@ -328,9 +433,15 @@ def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -
             new layer's LoRA weights are created from its arrays (`A`
             `(rank, in_features)`, `B` `(rank, out_features)`; adapter
             loading), one layer at a time, instead of drawn.
+        adapter_name: str. The adapter's name (the one `plan` was made for).
+            The model's first adapter becomes active; a later one is added
+            frozen and inactive (see `apply_lora`).
 
     Returns:
-        A `LoraReport`.
+        A `LoraReport` of the new adapter.
+
+    Raises:
+        LoraConfigError: the model already has an adapter of that name.
 
     Example:
     >>> import keras_hub
@@ -341,11 +452,16 @@ def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -
     >>> len(apply_plan(backbone, config, plan(backbone, config)).rows)
     6
     """
+    check_adapter_name(adapter_name)
+    state = lora_state(model)
+    if state is not None:
+        return _add_adapter(model, state, config, planned, initial_weights, adapter_name)
     flags = {id(v): v.trainable for v in model.weights}
     wrapped_trainable, roles, lora_ids = {}, {}, set()
     for path, entry in planned.items():
         wrapped_trainable[path] = entry.layer.trainable
-        wrapper = _make_wrapper(entry.layer, config, initial_weights(path) if initial_weights else None)
+        initial = initial_weights(path) if initial_weights else None
+        wrapper = _make_wrapper(entry.layer, config, initial, adapter_name)
         for parent in entry.parents:
             if not _swap(parent, entry.layer, wrapper):
                 raise RuntimeError(f"internal error: could not replace {path!r} in {parent.name!r}")
@@ -357,9 +473,37 @@ def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None) -
     patterns = _train_also_patterns(config.train_also)
     for v in model.weights:
         v.trainable = id(v) in lora_ids or any(p.search(v.path) for _, p in patterns)
-    object.__setattr__(model, STATE_ATTR, LoraState(config, roles, flags, wrapped_trainable))
+    object.__setattr__(model, STATE_ATTR, LoraState(config, roles, flags, wrapped_trainable, adapter_name))
     reset_compiled_functions(model)
-    return make_report(model)
+    return make_report(model, adapter_name)
+
+
+def _add_adapter(model, state, config, planned, initial_weights, adapter_name):
+    """`apply_plan` on a model that already has LoRA: one more adapter, frozen and inactive."""
+    if adapter_name in state.adapters:
+        raise LoraConfigError(f"this model already has an adapter named {adapter_name!r}")
+    settings = dict(rank=config.rank, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora,
+                    init=config.init)
+    roles = {}
+    for path, entry in planned.items():
+        initial = initial_weights(path) if initial_weights else None
+        host = next((p for p in entry.parents if isinstance(p, LoRALayer)), None)
+        if host is not None:
+            host.add_adapter(adapter_name, weights=initial, **settings)
+        else:
+            state.wrapped_trainable.setdefault(path, entry.layer.trainable)
+            host = _make_wrapper(entry.layer, config, initial, adapter_name)
+            # The new wrapper follows the model: the active adapter (absent here, so the layer
+            # computes its base alone until this adapter is activated), and a disabled model.
+            host.set_adapter(state.active)
+            host.disabled = state.disabled
+            for parent in entry.parents:
+                if not _swap(parent, entry.layer, host):
+                    raise RuntimeError(f"internal error: could not replace {path!r} in {parent.name!r}")
+        roles[host.path] = entry.role
+    state.add_adapter(adapter_name, config, roles)
+    reset_compiled_functions(model)
+    return make_report(model, adapter_name)
 
 
 def unload(model):
@@ -391,6 +535,9 @@ def unload(model):
             _swap(parent, w, w.wrapped)
         w.wrapped.trainable = state.wrapped_trainable.get(w.path, True) if state else True
     if state is not None:
+        # Layers `delete_adapter` gave back while other adapters stayed were left frozen.
+        for path, layer in state.unsaved.released:
+            layer.trainable = state.wrapped_trainable.get(path, True)
         for v in model.weights:
             if id(v) in state.trainable_flags:
                 v.trainable = state.trainable_flags[id(v)]
@@ -399,14 +546,20 @@ def unload(model):
     return model
 
 
-def make_report(model) -> LoraReport:
-    """The `LoraReport` of `model` as it is now (its LoRA layers and parameter counts).
+def make_report(model, adapter_name=None) -> LoraReport:
+    """The `LoraReport` of `model` as it is now (an adapter's layers and the parameter counts).
 
     Args:
         model: any keras model, adapted or not.
+        adapter_name: str or None. The adapter whose layers the rows show;
+            `None` for the active one.
 
     Returns:
-        A `LoraReport`; its config is the surgery's (`None` without one).
+        A `LoraReport`; its config is that adapter's (`None` without a
+        surgery), and it lists the model's adapters and the active one.
+
+    Raises:
+        LoraConfigError: the model has no adapter `adapter_name`.
 
     Example:
     >>> import keras
@@ -414,13 +567,25 @@ def make_report(model) -> LoraReport:
     3
     """
     state = lora_state(model)
-    roles = state.roles if state else {}
-    rows = tuple(AdaptedLayer.from_wrapper(w, roles.get(w.path)) for w in lora_layers(model))
+    if state is None:
+        # Wrappers without a surgery's record: each row shows its layer's active adapter.
+        rows = tuple(AdaptedLayer.from_wrapper(w) for w in lora_layers(model) if w.active_adapter in w.adapter_names)
+        return LoraReport(rows=rows, trainable_params=count_params(model.trainable_weights),
+                          total_params=count_params(model.weights))
+    name = state.active if adapter_name is None else adapter_name
+    if name not in state.adapters:
+        raise LoraConfigError(f"this model has no adapter {name!r} (its adapters: {', '.join(state.adapters)})")
+    record = state.adapters[name]
+    rows = tuple(AdaptedLayer.from_wrapper(w, record.roles.get(w.path), adapter_name=name)
+                 for w in lora_layers(model) if name in w.adapter_names)
     return LoraReport(
         rows=rows,
         trainable_params=count_params(model.trainable_weights),
         total_params=count_params(model.weights),
-        config=state.lora_config if state else None,
+        config=record.config,
+        adapters=tuple(state.adapters),
+        active_adapter=state.active,
+        adapter_name=name,
     )
 
 
@@ -428,6 +593,10 @@ def reset_compiled_functions(model):
     """Drops the model's compiled train/test/predict/generate functions (after a surgery).
 
     Keras compiles them on the next `fit`/`evaluate`/`predict`/`generate`, with the new layers.
+    Which adapter runs (and whether any does) is Python state read while a function is traced,
+    so every change of it (`set_adapter`, `disable_adapters`, `delete_adapter`, adding an
+    adapter) calls this: a function compiled before would go on running the old choice.
+    A keras-hub task's backbone is reset too (it may have been compiled on its own).
 
     Args:
         model: any keras model.
@@ -436,9 +605,42 @@ def reset_compiled_functions(model):
     >>> import keras
     >>> reset_compiled_functions(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
     """
-    for name in ("train_function", "test_function", "predict_function", "generate_function"):
-        if hasattr(model, name):
-            object.__setattr__(model, name, None)
+    for target in {id(m): m for m in (model, backbone_of(model))}.values():
+        for name in ("train_function", "test_function", "predict_function", "generate_function"):
+            if hasattr(target, name):
+                object.__setattr__(target, name, None)
+
+
+def release_wrapper(model, wrapper):
+    """Puts one wrapper's layer back in its parents (its last adapter was deleted).
+
+    The layer stays frozen while the model has other adapters; `unload`
+    restores its `trainable` flag with the others'.
+
+    Args:
+        model: the adapted model holding `wrapper`.
+        wrapper: a `LoRALayer` of `model` with no adapter left.
+
+    Example:
+    >>> import keras, lora3
+    >>> class Block(keras.layers.Layer):
+    ...     def __init__(self, **kwargs):
+    ...         super().__init__(**kwargs)
+    ...         self.proj = keras.layers.Dense(4, name="proj")
+    ...     def call(self, x):
+    ...         return self.proj(x)
+    >>> model = keras.Sequential([keras.Input((4,)), Block(name="block")])
+    >>> _ = lora3.apply_lora(model, rank=2, targets=".*block/proj")
+    >>> release_wrapper(model, lora_layers(model)[0])
+    >>> lora_layers(model), type(model.layers[0].proj).__name__
+    ([], 'Dense')
+    """
+    state = lora_state(model)
+    for parent in _parents_of(model)[id(wrapper)][1]:
+        _swap(parent, wrapper, wrapper.wrapped)
+    if state is not None:
+        state.unsaved.released.append((wrapper.path, wrapper.wrapped))
+    reset_compiled_functions(model)
 
 
 def _natural_key(path):
@@ -471,12 +673,12 @@ def _parents_of(model):
     return table
 
 
-def _find(model, table, targets, layers) -> dict:
+def _find(model, table, targets, layers, include_wrapped=False) -> dict:
     candidates = {}
     for layer, parents in table.values():
         if wrapper_class(layer) is not None:
-            if any(isinstance(p, LoRALayer) for p in parents):
-                continue  # already wrapped
+            if not include_wrapped and any(isinstance(p, LoRALayer) for p in parents):
+                continue  # already wrapped (a second adapter joins its wrapper instead)
             candidates.setdefault(layer.path, layer)
     paths = sorted(candidates, key=_natural_key)
     family = targets_lib.family_for(c.__name__ for c in type(backbone_of(model)).__mro__)
@@ -507,9 +709,10 @@ def _swap(parent, old, new):
     return replaced
 
 
-def _make_wrapper(layer, config: LoraConfig, initial=None):
+def _make_wrapper(layer, config: LoraConfig, initial=None, adapter_name=DEFAULT_ADAPTER):
     cls = wrapper_class(layer)
-    settings = dict(alpha=config.alpha, dropout=config.dropout, rslora=config.rslora, init=config.init)
+    settings = dict(alpha=config.alpha, dropout=config.dropout, rslora=config.rslora, init=config.init,
+                    adapter_name=adapter_name)
     if initial is None:
         return cls(layer, rank=config.rank, **settings)
     return cls.from_weights(layer, *initial, **settings)

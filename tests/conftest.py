@@ -55,15 +55,21 @@ def compose():
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.one_backend`: pure-Python behaviour that cannot differ by backend (config validation,
     file parsing, parameter counting) runs in one pass only: the JAX pass, or, when scripts/test.sh runs
-    both passes at once (LORA3_SPLIT_ONE_BACKEND=1), each test file's in one of the two (by a hash of its
-    path: a file's module-scoped fixtures, such as the benchmark's run, are never built twice), so the
-    two passes take about as long and neither runs a test the other runs."""
+    both passes at once (LORA3_SPLIT_ONE_BACKEND=1), each test in one of the two, by a hash of its id, so
+    the passes take about as long and neither runs a test the other runs. Tests that share a fixture
+    wider than a function (a module's benchmark run, a built wheel) go to one pass together, by a hash of
+    their file, so that fixture is never built twice."""
     split = os.environ.get("LORA3_SPLIT_ONE_BACKEND") == "1"
+
+    def shares_a_fixture(item):
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
+        return any(d.scope in ("module", "class", "package") for chain in defs.values() for d in chain)
 
     def pass_of(item):
         if not split:
             return "jax"
-        return ("jax", "tensorflow")[zlib.crc32(item.nodeid.split("::")[0].encode()) % 2]
+        key = item.nodeid.split("::")[0] if shares_a_fixture(item) else item.nodeid
+        return ("jax", "tensorflow")[zlib.crc32(key.encode()) % 2]
 
     for item in items:
         if item.get_closest_marker("one_backend") and pass_of(item) != BACKEND:

@@ -7,6 +7,6 @@
 
 from lora3.layers.lora_dense import LoRADense
 from lora3.layers.lora_einsum_dense import LoRAEinsumDense, analyze_equation
-from lora3.layers.lora_layer import LoRALayer
+from lora3.layers.lora_layer import AdapterWeights, LoRALayer
 
-__all__ = ["LoRALayer", "LoRADense", "LoRAEinsumDense", "analyze_equation"]
+__all__ = ["LoRALayer", "LoRADense", "LoRAEinsumDense", "AdapterWeights", "analyze_equation"]

@@ -25,6 +25,7 @@ class LoRADense(LoRALayer):
         dropout: float. Dropout rate on the LoRA branch's input, in `[0, 1)`.
         rslora: bool. Rank-stabilised scaling `alpha / sqrt(rank)`.
         init: str. `"kaiming"` or `"gaussian"`: the initialiser of `A`.
+        adapter_name: str. The name of this first adapter (see `LoRALayer`).
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Example:
@@ -60,14 +61,11 @@ class LoRADense(LoRALayer):
         in_features, out_features = (int(d) for d in layer.kernel.shape)
         return in_features, out_features
 
-    def _base_linear(self, inputs):
-        outputs = ops.matmul(inputs, self.wrapped.kernel)
-        if self.wrapped.bias is not None:
-            outputs = ops.add(outputs, self.wrapped.bias)
-        return outputs
+    def _apply_kernel(self, inputs):
+        return ops.matmul(inputs, self.wrapped.kernel)
 
-    def _lora_delta(self, x):
-        return self._flat_lora_delta(x, 1, (self.out_features,))
+    def _lora_delta(self, x, adapter):
+        return self._flat_lora_delta(x, adapter, 1, (self.out_features,))
 
     def _delta_to_kernel_layout(self, delta):
         return delta

@@ -112,6 +112,7 @@ class LoRAEinsumDense(LoRALayer):
         dropout: float. Dropout rate on the LoRA branch's input, in `[0, 1)`.
         rslora: bool. Rank-stabilised scaling `alpha / sqrt(rank)`.
         init: str. `"kaiming"` or `"gaussian"`: the initialiser of `A`.
+        adapter_name: str. The name of this first adapter (see `LoRALayer`).
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Example:
@@ -150,21 +151,18 @@ class LoRAEinsumDense(LoRALayer):
         # The einsum equations and shapes `call` and `merge` use.
         self._einsum = analyze_equation(self.wrapped.equation, self.wrapped.kernel.shape)
 
-    def _base_linear(self, inputs):
-        outputs = ops.einsum(self.wrapped.equation, inputs, self.wrapped.kernel)
-        if self.wrapped.bias is not None:
-            outputs = ops.add(outputs, self.wrapped.bias)
-        return outputs
+    def _apply_kernel(self, inputs):
+        return ops.einsum(self.wrapped.equation, inputs, self.wrapped.kernel)
 
-    def _lora_delta(self, x):
+    def _lora_delta(self, x, adapter):
         info = self._einsum
         if info["flat"]:
             # Same products on the 2-D (tokens, in_features) view: faster gradients under XLA.
-            return self._flat_lora_delta(x, len(info["contracted"]), info["b_shape"])
-        a = ops.reshape(ops.transpose(self.lora_A), info["a_shape"] + (self.rank,))
-        b = ops.reshape(self.lora_B, (self.rank,) + info["b_shape"])
+            return self._flat_lora_delta(x, adapter, len(info["contracted"]), info["b_shape"])
+        a = ops.reshape(ops.transpose(adapter.lora_A), info["a_shape"] + (adapter.rank,))
+        b = ops.reshape(adapter.lora_B, (adapter.rank,) + info["b_shape"])
         # Scale the thin (..., rank) intermediate, not the wide output.
-        hidden = ops.multiply(ops.einsum(info["eq_a"], x, a), ops.cast(self.scaling, x.dtype))
+        hidden = ops.multiply(ops.einsum(info["eq_a"], x, a), ops.cast(adapter.scaling, x.dtype))
         return ops.einsum(info["eq_b"], hidden, b)
 
     def _delta_to_kernel_layout(self, delta):

@@ -1,6 +1,6 @@
 """`LoRALayer`: the part of a LoRA wrapper that does not depend on the wrapped layer's type.
 
-A wrapper holds a *built* `Dense`/`EinsumDense` (frozen) and two trainable
+A wrapper holds a *built* `Dense`/`EinsumDense` (frozen) and, per adapter, two
 matrices, `lora_A: (rank, in_features)` and `lora_B: (rank, out_features)`:
 
     y = activation(base_linear(x) + s * (dropout(x) @ A.T) @ B),   s = alpha / rank
@@ -13,22 +13,33 @@ CPU backend computes a `(rank, in)` result about 2.5x faster than the same
 product laid out `(in, rank)` (experiments/benchmarks/thin_dots.py). Adapter
 files keep the matrix view `(in_features, rank)` (see `lora3.adapters`).
 
+A wrapper may hold several named adapters (as PEFT's `lora_A[name]`), each with
+its own rank, alpha, rslora flag and dropout; only the *active* one runs (and
+trains), so `call` costs one adapter whatever the number held. The adapter
+`"default"` keeps the variable names `lora_A`/`lora_B` (paths
+`<layer.path>/lora_A`), adapter `"x"` gets `lora_A_x`/`lora_B_x`.
+`wrapper.lora_A`, `.lora_B`, `.rank`, `.alpha`, `.rslora`, `.dropout`,
+`.scaling` are the active adapter's. Which adapter is active is plain Python
+state read when `call` is traced: whoever switches it must drop compiled
+functions (`lora3.set_adapter` does, see `lora3.surgery.reset_compiled_functions`).
+
 The low-rank path is two thin products, so training never materialises the
 full-size `A.T @ B` and never computes a gradient for the frozen kernel.
 A subclass names the keras class it wraps (`wrapped_class`) and says how its
-kernel reads as a matrix (`matrix_shape`), how to run the wrapped layer without
-its activation (`_base_linear`), how to apply A and B to an input
-(`_lora_delta`), and how the `(in_features, out_features)` matrix maps to the
-kernel's layout (`_delta_to_kernel_layout`).
+kernel reads as a matrix (`matrix_shape`), how to apply the kernel to an input
+(`_apply_kernel`), how to apply A and B (`_lora_delta`), and how the
+`(in_features, out_features)` matrix maps to the kernel's layout
+(`_delta_to_kernel_layout`).
 """
 
 import contextvars
 import math
+import warnings
 
 import keras
 from keras import ops
 
-from lora3.config import check_init, check_scale, scaling
+from lora3.config import DEFAULT_ADAPTER, check_adapter_name, check_init, check_scale, scaling, variable_suffix
 from lora3.errors import LoraConfigError
 
 # `(A, B)` arrays that `from_weights` hands to the `build` its constructor runs, so the
@@ -36,16 +47,75 @@ from lora3.errors import LoraConfigError
 _INITIAL_WEIGHTS = contextvars.ContextVar("lora3_initial_weights", default=None)
 
 
+class AdapterWeights:
+    """One adapter inside a LoRA wrapper: its settings and its two variables.
+
+    A plain object, not a keras layer: the variables are tracked by the
+    wrapper (`add_weight`), so they appear in its weights under
+    `<layer.path>/lora_A[_<name>]`. `lora_A`/`lora_B` are `None` until the
+    wrapper is built. Get one with `LoRALayer.get_adapter`.
+
+    Args:
+        name: str. The adapter's name.
+        rank: int. Its rank.
+        alpha: float. Its scaling numerator.
+        dropout: float. Its dropout rate on the LoRA branch's input.
+        rslora: bool. Rank-stabilised scaling.
+        init: str. The initialiser of its `A`.
+
+    Example:
+    >>> adapter = AdapterWeights("x", rank=4, alpha=8.0, dropout=0.0, rslora=False, init="kaiming")
+    >>> adapter.scaling, adapter.lora_A is None
+    (2.0, True)
+    """
+
+    __slots__ = ("name", "rank", "alpha", "dropout", "rslora", "init", "lora_A", "lora_B")
+
+    def __init__(self, name, rank, alpha, dropout, rslora, init):
+        self.name = name
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.rslora = bool(rslora)
+        self.init = init
+        self.lora_A = None
+        self.lora_B = None
+
+    @property
+    def scaling(self):
+        """`alpha / rank`, or `alpha / sqrt(rank)` with rslora."""
+        return scaling(self.rank, self.alpha, self.rslora)
+
+    def settings(self):
+        """The constructor's arguments as a dict (for `get_config`).
+
+        Returns:
+            `{"name", "rank", "alpha", "dropout", "rslora", "init"}`.
+
+        Example:
+        >>> AdapterWeights("x", 2, 4, 0.0, False, "kaiming").settings()["alpha"]
+        4.0
+        """
+        return {"name": self.name, "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                "rslora": self.rslora, "init": self.init}
+
+    def __repr__(self):
+        return (f"AdapterWeights(name={self.name!r}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"dropout={self.dropout:g}, rslora={self.rslora})")
+
+
 class LoRALayer(keras.layers.Layer):
     """Base class of the LoRA wrappers `LoRADense` and `LoRAEinsumDense`.
 
     The wrapper takes the wrapped layer's name and dtype policy, freezes it,
-    and adds two trainable weights, `lora_A` `(rank, in_features)` and
-    `lora_B` `(rank, out_features)`, whose product (times `scaling`) is added
-    to the wrapped layer's output before its activation. When the wrapped
-    layer is already built the wrapper is built at once, under the wrapped
-    layer's parent path, so `wrapper.path == layer.path` and the LoRA weights
-    live at `<layer.path>/lora_A` and `<layer.path>/lora_B`.
+    and adds an adapter: two trainable weights, `lora_A` `(rank, in_features)`
+    and `lora_B` `(rank, out_features)`, whose product (times `scaling`) is
+    added to the wrapped layer's output before its activation. When the
+    wrapped layer is already built the wrapper is built at once, under the
+    wrapped layer's parent path, so `wrapper.path == layer.path` and the
+    default adapter's weights live at `<layer.path>/lora_A` and
+    `<layer.path>/lora_B`. More adapters can be added (`add_adapter`); only
+    the active one (`active_adapter`, see `set_adapter`) runs and trains.
 
     Args:
         layer: the `keras.layers.Dense` / `keras.layers.EinsumDense` to wrap
@@ -59,7 +129,12 @@ class LoRALayer(keras.layers.Layer):
         init: str. Initialiser of `lora_A`: `"kaiming"` (PEFT's default,
             `U(-1/sqrt(in), 1/sqrt(in))`) or `"gaussian"` (std `1/rank`).
             `lora_B` starts at zero, so a fresh wrapper changes nothing.
+        adapter_name: str. The name of this first adapter (it is active).
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`).
+
+    Raises:
+        LoraConfigError: a bad setting, a layer of the wrong kind, quantized,
+            with Keras' LoRA enabled, or too small for `rank`.
 
     Example:
     >>> import keras, numpy as np
@@ -76,23 +151,32 @@ class LoRALayer(keras.layers.Layer):
 
     wrapped_class = None  # the keras layer class a subclass wraps
 
-    def __init__(self, layer, rank, alpha, dropout=0.0, rslora=False, init="kaiming", **kwargs):
+    def __init__(self, layer, rank, alpha, dropout=0.0, rslora=False, init="kaiming",
+                 adapter_name=DEFAULT_ADAPTER, **kwargs):
         self._check_kind(layer)
         check_scale(rank, alpha, dropout)
         check_init(init)
+        check_adapter_name(adapter_name)
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(**kwargs)
         self.wrapped = layer
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
-        self.rslora = bool(rslora)
-        self.init = init
-        # True once `merge()` has added the update into the wrapped kernel: `call` then skips
-        # the LoRA branch. Not a constructor argument; `from_config` restores it.
+        # name -> AdapterWeights, in the order the adapters were added (which is also the order
+        # of their variables in this layer, the order a `.keras` file stores them in). A plain
+        # dict, kept out of keras' attribute tracking: `add_weight` tracks the variables.
+        object.__setattr__(self, "_adapters", {})
+        # The adapter `call` runs. It may name an adapter this layer lacks (another adapter of
+        # the model adapts other layers): the layer then computes its wrapped layer alone.
+        self.active_adapter = adapter_name
+        # True inside `lora3.disable_adapters`: `call` skips every adapter.
+        self.disabled = False
+        # True once `merge()` has added the active adapter's update into the wrapped kernel:
+        # `call` then skips the LoRA branch. Switching adapters unmerges first, so a merged
+        # layer's merged adapter is always its active one. Not a constructor argument;
+        # `from_config` restores it.
         self.merged = False
-        self.lora_dropout = keras.layers.Dropout(dropout, name="lora_dropout") if dropout > 0 else None
+        self.lora_dropout = None  # the default adapter's Dropout layer (its attribute name is kept)
+        self._add_settings(AdapterWeights(adapter_name, rank, alpha, dropout, rslora, init))
         # The wrapped layer is frozen: only A and B train.
         layer.trainable = False
         if layer.built:
@@ -103,7 +187,8 @@ class LoRALayer(keras.layers.Layer):
             self.build()
 
     @classmethod
-    def from_weights(cls, layer, lora_A, lora_B, alpha, dropout=0.0, rslora=False, init="kaiming", **kwargs):
+    def from_weights(cls, layer, lora_A, lora_B, alpha, dropout=0.0, rslora=False, init="kaiming",
+                     adapter_name=DEFAULT_ADAPTER, **kwargs):
         """A wrapper whose `lora_A` and `lora_B` are created from arrays instead of drawn.
 
         The variables are created once, from these values (adapter loading:
@@ -115,8 +200,8 @@ class LoRALayer(keras.layers.Layer):
             layer: the built layer to wrap (see the class).
             lora_A: array `(rank, in_features)`.
             lora_B: array `(rank, out_features)`.
-            alpha, dropout, rslora, init, **kwargs: as for the constructor
-                (`init` is only recorded: A is not drawn).
+            alpha, dropout, rslora, init, adapter_name, **kwargs: as for the
+                constructor (`init` is only recorded: A is not drawn).
 
         Returns:
             The built wrapper.
@@ -141,7 +226,7 @@ class LoRALayer(keras.layers.Layer):
             )
         token = _INITIAL_WEIGHTS.set((lora_A, lora_B))
         try:
-            return cls(layer, int(lora_A.shape[0]), alpha, dropout, rslora, init, **kwargs)
+            return cls(layer, int(lora_A.shape[0]), alpha, dropout, rslora, init, adapter_name, **kwargs)
         finally:
             _INITIAL_WEIGHTS.reset(token)
 
@@ -157,12 +242,12 @@ class LoRALayer(keras.layers.Layer):
         """
         raise NotImplementedError
 
-    def _base_linear(self, inputs):
-        """The wrapped layer's output before its activation."""
+    def _apply_kernel(self, inputs):
+        """The wrapped layer's kernel applied to `inputs` (no bias, no activation)."""
         raise NotImplementedError
 
-    def _lora_delta(self, x):
-        """`s * (x @ A.T) @ B` in the wrapped layer's output layout."""
+    def _lora_delta(self, x, adapter):
+        """`s * (x @ A.T) @ B` of `adapter` in the wrapped layer's output layout."""
         raise NotImplementedError
 
     def _delta_to_kernel_layout(self, delta):
@@ -216,17 +301,255 @@ class LoRALayer(keras.layers.Layer):
                 "lora3 adapts float layers only"
             )
 
-    # -- keras Layer API --------------------------------------------------------
+    # -- the adapters -----------------------------------------------------------
+    @property
+    def adapter_names(self):
+        """The names of this layer's adapters, in the order they were added (a list)."""
+        return list(self._adapters)
+
+    def get_adapter(self, name=None):
+        """One adapter's settings and variables.
+
+        Args:
+            name: str or None. The adapter; `None` for the active one.
+
+        Returns:
+            Its `AdapterWeights`.
+
+        Raises:
+            LoraConfigError: this layer has no adapter of that name (listing
+                the ones it has).
+
+        Example:
+        >>> import keras
+        >>> from lora3.layers import LoRADense
+        >>> dense = keras.layers.Dense(3, name="proj")
+        >>> dense.build((None, 4))
+        >>> LoRADense(dense, rank=2, alpha=4).get_adapter()
+        AdapterWeights(name='default', rank=2, alpha=4, dropout=0, rslora=False)
+        """
+        name = self.active_adapter if name is None else name
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise LoraConfigError(
+                f"LoRA layer {self.path or self.name!r} has no adapter {name!r} "
+                f"(its adapters: {', '.join(self._adapters) or 'none'})"
+            )
+        return adapter
+
+    def add_adapter(self, name, rank, alpha, dropout=0.0, rslora=False, init="kaiming", weights=None):
+        """Adds a named adapter beside the existing ones (not made active).
+
+        Its variables are `<layer.path>/lora_A_<name>` and `.../lora_B_<name>`
+        (`lora_A`/`lora_B` for `"default"`), created now when the layer is
+        built, else by `build`. They are trainable only if `name` is the
+        active adapter.
+
+        Args:
+            name: str. A new adapter name (letters, digits, `_`, `-`).
+            rank, alpha, dropout, rslora, init: as for the constructor.
+            weights: `(A, B)` arrays `(rank, in_features)`, `(rank, out_features)`
+                to create the variables from, or None to draw A (B is zero).
+
+        Returns:
+            The new `AdapterWeights`.
+
+        Raises:
+            LoraConfigError: the name is invalid or taken, a setting is bad,
+                the rank is too large or an array's shape does not fit.
+
+        Example:
+        >>> import keras
+        >>> from lora3.layers import LoRADense
+        >>> dense = keras.layers.Dense(3, name="proj")
+        >>> dense.build((None, 4))
+        >>> lora = LoRADense(dense, rank=2, alpha=4)
+        >>> _ = lora.add_adapter("b", rank=1, alpha=1)
+        >>> lora.adapter_names, [v.path for v in lora.trainable_weights]
+        (['default', 'b'], ['proj/lora_A', 'proj/lora_B'])
+        """
+        check_adapter_name(name)
+        if name in self._adapters:
+            raise LoraConfigError(f"LoRA layer {self.path or self.name!r} already has an adapter {name!r}")
+        check_scale(rank, alpha, dropout)
+        check_init(init)
+        adapter = AdapterWeights(name, rank, alpha, dropout, rslora, init)
+        if self.built:
+            _check_rank(rank, self.wrapped, self.in_features, self.out_features)
+            with _unlocked(self):
+                self._create_variables(adapter, weights)
+        elif weights is not None:
+            raise LoraConfigError(f"{self.name}: weights for a new adapter need a built layer")
+        with _unlocked(self):
+            self._add_settings(adapter)
+        return adapter
+
+    def delete_adapter(self, name):
+        """Removes an adapter and its variables (and its dropout layer) from this layer.
+
+        The active adapter's name is left as it is (the model-level
+        `lora3.delete_adapter` chooses the next active adapter).
+
+        Args:
+            name: str. One of this layer's adapters.
+
+        Raises:
+            LoraConfigError: no such adapter, or it is merged into the kernel
+                (unmerge first, as PEFT requires).
+
+        Example:
+        >>> import keras
+        >>> from lora3.layers import LoRADense
+        >>> dense = keras.layers.Dense(3, name="proj")
+        >>> dense.build((None, 4))
+        >>> lora = LoRADense(dense, rank=2, alpha=4)
+        >>> _ = lora.add_adapter("b", rank=1, alpha=1)
+        >>> lora.delete_adapter("b")
+        >>> lora.adapter_names, len(lora.weights)
+        (['default'], 4)
+        """
+        adapter = self.get_adapter(name)
+        if self.merged and name == self.active_adapter:
+            raise LoraConfigError(
+                f"adapter {name!r} of {self.path or self.name!r} is merged into the kernel; unmerge it first"
+            )
+        for variable in (adapter.lora_A, adapter.lora_B):
+            if variable is not None:
+                self._untrack_variable(variable)
+        attr = _dropout_attr(name)
+        dropout_layer = getattr(self, attr, None)
+        if dropout_layer is not None:
+            self._tracker.untrack(dropout_layer)
+            with _unlocked(self):
+                if attr == "lora_dropout":
+                    self.lora_dropout = None
+                else:
+                    object.__delattr__(self, attr)
+        del self._adapters[name]
+
+    def set_adapter(self, name, trainable=True):
+        """Makes `name` the adapter `call` runs; only its variables stay trainable.
+
+        `name` may be an adapter this layer lacks: the layer then computes
+        the wrapped layer alone (another adapter of the model adapts other
+        layers). A merged layer is unmerged first, with a warning, as PEFT
+        does. Compiled functions that traced this layer are stale afterwards:
+        the model-level `lora3.set_adapter` drops them.
+
+        Args:
+            name: str. The adapter to activate.
+            trainable: bool. With `False` the active adapter is frozen too
+                (PEFT's `inference_mode=True`).
+
+        Example:
+        >>> import keras
+        >>> from lora3.layers import LoRADense
+        >>> dense = keras.layers.Dense(3, name="proj")
+        >>> dense.build((None, 4))
+        >>> lora = LoRADense(dense, rank=2, alpha=4)
+        >>> _ = lora.add_adapter("b", rank=1, alpha=1)
+        >>> lora.set_adapter("b")
+        >>> lora.rank, [v.path for v in lora.trainable_weights]
+        (1, ['proj/lora_A_b', 'proj/lora_B_b'])
+        """
+        if self.merged and name != self.active_adapter:
+            warnings.warn(
+                f"LoRA layer {self.path or self.name!r}: adapter {self.active_adapter!r} is merged; "
+                "unmerging it before switching adapters", stacklevel=2,
+            )
+            self.unmerge()
+        self.active_adapter = name
+        for adapter in self._adapters.values():
+            for variable in (adapter.lora_A, adapter.lora_B):
+                if variable is not None:
+                    variable.trainable = bool(trainable) and adapter.name == name
+
+    def _add_settings(self, adapter):
+        self._adapters[adapter.name] = adapter
+        if adapter.dropout > 0:
+            attr = _dropout_attr(adapter.name)
+            setattr(self, attr, keras.layers.Dropout(adapter.dropout, name=attr))
+            if self.built:
+                getattr(self, attr).build(None)
+
+    def _create_variables(self, adapter, weights=None):
+        a_shape, b_shape = (adapter.rank, self.in_features), (adapter.rank, self.out_features)
+        if weights is not None:
+            a_init, b_init = _constant(weights[0], a_shape), _constant(weights[1], b_shape)
+        elif adapter.init == "kaiming":
+            # PEFT's default: kaiming_uniform(a=sqrt(5)) on its (rank, in) weight,
+            # i.e. U(-1/sqrt(in), 1/sqrt(in)).
+            bound = 1.0 / math.sqrt(self.in_features)
+            a_init, b_init = keras.initializers.RandomUniform(-bound, bound), "zeros"
+        else:
+            a_init, b_init = keras.initializers.RandomNormal(stddev=1.0 / adapter.rank), "zeros"
+        suffix = variable_suffix(adapter.name)
+        # Created trainable, then frozen unless active: on TensorFlow a variable created
+        # non-trainable is never watched by the gradient tape, so it could not train later.
+        adapter.lora_A = self.add_weight(name="lora_A" + suffix, shape=a_shape, initializer=a_init, trainable=True)
+        adapter.lora_B = self.add_weight(name="lora_B" + suffix, shape=b_shape, initializer=b_init, trainable=True)
+        active = adapter.name == self.active_adapter
+        adapter.lora_A.trainable = adapter.lora_A.trainable and active
+        adapter.lora_B.trainable = adapter.lora_B.trainable and active
+
+    # -- the active adapter's settings (what single-adapter code reads) ------------
+    @property
+    def lora_A(self):
+        """The active adapter's `A` variable, `(rank, in_features)`."""
+        return self._active().lora_A
+
+    @property
+    def lora_B(self):
+        """The active adapter's `B` variable, `(rank, out_features)`."""
+        return self._active().lora_B
+
+    @property
+    def rank(self):
+        """The active adapter's rank."""
+        return self._active().rank
+
+    @property
+    def alpha(self):
+        """The active adapter's scaling numerator."""
+        return self._active().alpha
+
+    @property
+    def dropout(self):
+        """The active adapter's dropout rate."""
+        return self._active().dropout
+
+    @property
+    def rslora(self):
+        """Whether the active adapter uses rank-stabilised scaling."""
+        return self._active().rslora
+
+    @property
+    def init(self):
+        """The initialiser name of the active adapter's `A`."""
+        return self._active().init
+
     @property
     def scaling(self):
-        """The factor `s` of the update: `alpha / rank`, or `alpha / sqrt(rank)` with rslora."""
-        return scaling(self.rank, self.alpha, self.rslora)
+        """The factor `s` of the active adapter's update: `alpha / rank`, or `alpha / sqrt(rank)` with rslora."""
+        return self._active().scaling
 
     @property
     def lora_params(self):
-        """Number of LoRA parameters: `rank * (in_features + out_features)`."""
+        """Number of the active adapter's parameters: `rank * (in_features + out_features)`."""
         return self.rank * (self.in_features + self.out_features)
 
+    def _active(self):
+        adapter = self._adapters.get(self.active_adapter)
+        if adapter is None:
+            # AttributeError, so `getattr(wrapper, "lora_A", None)` and keras' attribute walks
+            # treat a layer without the active adapter as having none.
+            raise AttributeError(
+                f"LoRA layer {self.path or self.name!r} has no adapter {self.active_adapter!r}, the active one "
+                f"(its adapters: {', '.join(self._adapters) or 'none'})"
+            )
+        return adapter
+
+    # -- keras Layer API --------------------------------------------------------
     def build(self, input_shape=None):
         if not self.wrapped.built:
             if input_shape is None:
@@ -236,28 +559,30 @@ class LoRALayer(keras.layers.Layer):
                 )
             self.wrapped.build(input_shape)
         self.in_features, self.out_features = self.matrix_shape(self.wrapped)
-        _check_rank(self.rank, self.wrapped, self.in_features, self.out_features)
-        a_shape, b_shape = (self.rank, self.in_features), (self.rank, self.out_features)
         initial = _INITIAL_WEIGHTS.get()
-        if initial is not None:
-            a_init, b_init = _constant(initial[0], a_shape), _constant(initial[1], b_shape)
-        elif self.init == "kaiming":
-            # PEFT's default: kaiming_uniform(a=sqrt(5)) on its (rank, in) weight,
-            # i.e. U(-1/sqrt(in), 1/sqrt(in)).
-            bound = 1.0 / math.sqrt(self.in_features)
-            a_init, b_init = keras.initializers.RandomUniform(-bound, bound), "zeros"
-        else:
-            a_init, b_init = keras.initializers.RandomNormal(stddev=1.0 / self.rank), "zeros"
-        self.lora_A = self.add_weight(name="lora_A", shape=a_shape, initializer=a_init, trainable=True)
-        self.lora_B = self.add_weight(name="lora_B", shape=b_shape, initializer=b_init, trainable=True)
-        if self.lora_dropout is not None and not self.lora_dropout.built:
-            self.lora_dropout.build(None)
+        for i, adapter in enumerate(self._adapters.values()):
+            _check_rank(adapter.rank, self.wrapped, self.in_features, self.out_features)
+            if adapter.lora_A is None:
+                # `from_weights`' arrays belong to the constructor's adapter, the first.
+                self._create_variables(adapter, initial if i == 0 else None)
+            dropout_layer = getattr(self, _dropout_attr(adapter.name), None)
+            if dropout_layer is not None and not dropout_layer.built:
+                dropout_layer.build(None)
+
+    def _base_linear(self, inputs):
+        """The wrapped layer's output before its activation."""
+        outputs = self._apply_kernel(inputs)
+        if self.wrapped.bias is not None:
+            outputs = ops.add(outputs, self.wrapped.bias)
+        return outputs
 
     def call(self, inputs, training=None):
         outputs = self._base_linear(inputs)
-        if not self.merged:
-            x = inputs if self.lora_dropout is None else self.lora_dropout(inputs, training=training)
-            outputs = ops.add(outputs, self._lora_delta(x))
+        adapter = self._adapters.get(self.active_adapter)
+        if adapter is not None and not self.merged and not self.disabled:
+            dropout_layer = getattr(self, _dropout_attr(adapter.name), None)
+            x = inputs if dropout_layer is None else dropout_layer(inputs, training=training)
+            outputs = ops.add(outputs, self._lora_delta(x, adapter))
         if self.wrapped.activation is not None:
             outputs = self.wrapped.activation(outputs)
         return outputs
@@ -267,14 +592,19 @@ class LoRALayer(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
+        adapters = list(self._adapters.values())
+        first = adapters[0].settings()
         config.update(
             {
                 "layer": keras.layers.serialize(self.wrapped),
-                "rank": self.rank,
-                "alpha": self.alpha,
-                "dropout": self.dropout,
-                "rslora": self.rslora,
-                "init": self.init,
+                "rank": first["rank"],
+                "alpha": first["alpha"],
+                "dropout": first["dropout"],
+                "rslora": first["rslora"],
+                "init": first["init"],
+                "adapter_name": first["name"],
+                "extra_adapters": [a.settings() for a in adapters[1:]],
+                "active_adapter": self.active_adapter,
                 "merged": self.merged,
             }
         )
@@ -285,35 +615,50 @@ class LoRALayer(keras.layers.Layer):
         config = dict(config)
         layer = keras.layers.deserialize(config.pop("layer"))
         merged = config.pop("merged", False)
+        extra = config.pop("extra_adapters", [])
+        active = config.pop("active_adapter", None)
         wrapper = cls(layer, **config)
+        for settings in extra:
+            settings = dict(settings)
+            wrapper.add_adapter(settings.pop("name"), **settings)
+        if active is not None:
+            wrapper.set_adapter(active)
         wrapper.merged = bool(merged)
         return wrapper
 
     # -- merging ----------------------------------------------------------------
-    def delta_weight(self):
-        """The update `s * A.T @ B` in the wrapped kernel's layout (materialised: for merging).
+    def delta_weight(self, adapter_name=None):
+        """An adapter's update `s * A.T @ B` in the wrapped kernel's layout (materialised: for merging).
+
+        Args:
+            adapter_name: str or None. The adapter; `None` for the active one.
 
         Returns:
             A tensor shaped like the wrapped layer's kernel.
 
+        Raises:
+            LoraConfigError: this layer has no such adapter.
+
         Example: see `unmerge`.
         """
-        delta = ops.multiply(ops.matmul(ops.transpose(self.lora_A), self.lora_B), self.scaling)
+        adapter = self.get_adapter(adapter_name)
+        delta = ops.multiply(ops.matmul(ops.transpose(adapter.lora_A), adapter.lora_B), adapter.scaling)
         return self._delta_to_kernel_layout(delta)
 
     def merge(self):
-        """Adds the update into the wrapped kernel; `call` then skips the LoRA branch.
+        """Adds the active adapter's update into the wrapped kernel; `call` then skips the LoRA branch.
 
-        A second call does nothing. Example: see `unmerge`.
+        A second call does nothing, and so does a layer without the active
+        adapter. Example: see `unmerge`.
         """
-        if self.merged:
+        if self.merged or self.active_adapter not in self._adapters:
             return
         kernel = self.wrapped._kernel  # the variable (`kernel` is a read-only property)
         kernel.assign(ops.add(kernel, ops.cast(self.delta_weight(), kernel.dtype)))
         self.merged = True
 
     def unmerge(self):
-        """Subtracts the update from the wrapped kernel again (undoes `merge`).
+        """Subtracts the merged update from the wrapped kernel again (undoes `merge`).
 
         Example:
         >>> import keras, numpy as np
@@ -338,8 +683,8 @@ class LoRALayer(keras.layers.Layer):
         self.merged = False
 
     # -- helpers for subclasses ------------------------------------------------
-    def _flat_lora_delta(self, x, n_contracted, out_shape_tail):
-        """`s * (x @ A.T) @ B` on a 2-D `(tokens, in_features)` view of `x`.
+    def _flat_lora_delta(self, x, adapter, n_contracted, out_shape_tail):
+        """`s * (x @ A.T) @ B` of `adapter` on a 2-D `(tokens, in_features)` view of `x`.
 
         For inputs whose last `n_contracted` dims are the contracted ones (flattened in A's
         column order) and whose output is `x.shape[:-n_contracted] + out_shape_tail`. The same
@@ -349,9 +694,29 @@ class LoRALayer(keras.layers.Layer):
         """
         lead = ops.shape(x)[: len(x.shape) - n_contracted]
         x2 = ops.reshape(x, (-1, self.in_features))
-        hidden = ops.multiply(ops.matmul(x2, ops.transpose(self.lora_A)), ops.cast(self.scaling, x.dtype))
-        delta = ops.matmul(hidden, self.lora_B)
+        hidden = ops.multiply(ops.matmul(x2, ops.transpose(adapter.lora_A)), ops.cast(adapter.scaling, x.dtype))
+        delta = ops.matmul(hidden, adapter.lora_B)
         return ops.reshape(delta, tuple(lead) + tuple(out_shape_tail))
+
+
+def _dropout_attr(adapter_name):
+    """The wrapper attribute holding an adapter's Dropout layer (`lora_dropout` for the default one)."""
+    return "lora_dropout" + variable_suffix(adapter_name)
+
+
+class _unlocked:
+    """Unlocks a built layer's tracker for a block (Keras locks it at build), then locks it again."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __enter__(self):
+        self.was_locked = self.layer._tracker.locked
+        self.layer._tracker.unlock()
+
+    def __exit__(self, *exc):
+        if self.was_locked:
+            self.layer._tracker.lock()
 
 
 def _check_rank(rank, layer, in_features, out_features):

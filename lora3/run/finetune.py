@@ -1,9 +1,11 @@
 """What a run trains (`finetune=lora|full|none`, chosen with `lora=default|full|none`) and what it saves.
 
-- `lora`: `lora3.apply_lora` with the run's `LoraConfig`; the report goes to `lora_report.txt`.
+- `lora`: `lora3.apply_lora` with the run's `LoraConfig` (or, with `lora.init_from=<dir>`, a saved adapter
+  in lora3's or PEFT's format, trainable); the report goes to `lora_report.txt`; `adapter/` is saved, and with
+  `lora.export=peft` a PEFT copy in `adapter_peft/`.
 - `full`: every weight trainable (the baseline); the whole model is saved as a keras-hub preset.
-- `none`: the frozen base, evaluation only; with `eval.adapter=<dir>` a saved adapter is loaded
-  frozen onto it and scored.
+- `none`: the frozen base, evaluation only; with `eval.adapter=<dir>` a saved adapter (lora3's or PEFT's
+  format) is loaded frozen onto it and scored.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lora3
+from lora3.errors import AdapterError
 from lora3.fileio import atomic_write_text, staged_dir
 from lora3.run import gemma3_gguf, models, pretrain, schema
 from lora3.run import train as tr
@@ -47,6 +50,22 @@ def model_source(plain: Mapping[str, Any]) -> tuple[dict, dict]:
     return model_cfg, {}
 
 
+def check_adapter_dirs(plain: Mapping[str, Any]) -> None:
+    """`lora.init_from` and `eval.adapter` name adapter directories: checked before any work (the files
+    themselves are checked in full when loaded)."""
+    for key, value in (("lora.init_from", (plain.get("lora") or {}).get("init_from")),
+                       ("eval.adapter", (plain.get("eval") or {}).get("adapter"))):
+        if value and not (resolve_path(value, what=key) / "adapter_config.json").is_file():
+            raise AdapterError(f"{key}={value} is not an adapter directory: it has no adapter_config.json "
+                               "(lora3's adapter/ and PEFT's save_pretrained both write one)")
+
+
+def _hf_name(model_cfg: Mapping[str, Any]) -> str | None:
+    """The base model's name for a PEFT config: its Hugging Face id where the config names one, else the
+    keras-hub preset it was built from."""
+    return model_cfg.get("hf_name") or model_cfg.get("preset") or model_cfg.get("name")
+
+
 def _count(weights) -> int:
     return int(sum(math.prod(v.shape) for v in weights))
 
@@ -61,12 +80,18 @@ def prepare(bundle, plain: Mapping[str, Any], out: Path) -> dict:
         return {"trainable": 0, "total": total, "trainable_percent": 0.0, "lora": report.lora_params,
                 "adapted_layers": len(report.rows), "adapter": str(adapter_dir)}
     if mode == "lora":
-        report = lora3.apply_lora(model, schema.lora_config(plain))
+        init_from = plain["lora"].get("init_from")
+        if init_from:  # training goes on from a saved adapter (lora3's or PEFT's format): its surgery, its values
+            report = lora3.load_adapter(model, resolve_path(init_from, what="lora.init_from"), trainable=True)
+            log.info("lora.init_from=%s: %d layers at the adapter's rank and alpha (lora.rank, lora.alpha and "
+                     "lora.targets of this run are not used)", init_from, len(report.rows))
+        else:
+            report = lora3.apply_lora(model, schema.lora_config(plain))
         print(report.table(max_rows=12), flush=True)
         atomic_write_text(out / "lora_report.txt", report.table() + "\n")
         return {"trainable": report.trainable_params, "total": report.total_params,
                 "trainable_percent": report.percent, "lora": report.lora_params,
-                "adapted_layers": len(report.rows)}
+                "adapted_layers": len(report.rows), **({"init_from": str(init_from)} if init_from else {})}
     model.trainable = mode == "full"
     total, trainable = _count(model.weights), _count(model.trainable_weights)
     return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / total if total else 0.0}
@@ -102,7 +127,11 @@ def train(bundle, train_arrays, evaluate_fn, plain: Mapping[str, Any], out: Path
 def save(model, plain: Mapping[str, Any], out: Path) -> dict:
     """Writes the adapter (`adapter/`) or the fully fine-tuned model (`model/`); returns their paths."""
     if plain["finetune"] == "lora":
-        return {"adapter": lora3.save_adapter(model, out / "adapter")}
+        saved = {"adapter": lora3.save_adapter(model, out / "adapter")}
+        if plain["lora"].get("export") == "peft":  # a copy that PEFT, vLLM and TGI load
+            saved["adapter_peft"] = lora3.save_adapter(model, out / "adapter_peft", format="peft",
+                                                       base_model_name_or_path=_hf_name(plain["model"]))
+        return saved
     if plain["finetune"] == "full":
         with staged_dir(out / "model") as tmp:
             model.save_to_preset(tmp)

@@ -81,7 +81,9 @@ def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None
 
 def preflight(plain: Mapping[str, Any], job: Mapping[str, Any] | None = None) -> None:
     """Fails at once, before any heavy work, when the preset or the dataset cannot be reached;
-    the message names both and the overrides that run the same recipe on local things."""
+    the message names both and the overrides that run the same recipe on local things. Adapter
+    directories the config names (`lora.init_from`, `eval.adapter`) must exist."""
+    finetune.check_adapter_dirs(plain)
     model_cfg = plain.get("model") or {}
     missing = {"model": models.unreachable(model_cfg), "data": data_mod.unreachable(plain.get("data") or {})}
     if not any(missing.values()):

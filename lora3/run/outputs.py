@@ -139,7 +139,7 @@ def print_summary(m: dict, out: Path) -> None:
         lines.append(f"  speed         {m['perf']['tokens_per_s']:,.0f} tokens/s")
     if f.get("val/sentences_per_s"):
         lines.append(f"  generation    {f['val/sentences_per_s']:.2f} sentences/s (greedy, batch of the eval)")
-    for key in ("adapter", "model"):
+    for key in ("adapter", "adapter_peft", "model"):
         if key in m["outputs"]:
             lines.append(f"  {key:<13} {m['outputs'][key]}")
     lines.append(f"  metrics       {out / 'metrics.json'}")

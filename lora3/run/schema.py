@@ -8,7 +8,8 @@ value and what is valid:
     key of the config (valid keys under trainer: batch_size, epochs, ...; did you mean trainer.max_steps?)
 
 The `lora` node is the library's own `lora3.LoraConfig` (its `__post_init__` is where rank, alpha and
-dropout are checked, for the app as for the Python API). Models are strict (no `"3"` for an int, no
+dropout are checked, for the app as for the Python API), extended by what the run does with an adapter
+(`RunLoraConfig`: `init_from`, `export`). Models are strict (no `"3"` for an int, no
 `2` for a bool) and closed (`extra="forbid"`): a key the schema does not know is an error with the
 closest valid key. The command line runs this before Hydra creates any directory (`cli.precheck`).
 
@@ -37,10 +38,11 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora3.config import LoraConfig
-from lora3.errors import Lora3Error
+from lora3.errors import Lora3Error, LoraConfigError
 
 BACKENDS = ("jax", "tensorflow")
 FINETUNE = ("lora", "full", "none")
+EXPORTS = ("none", "peft")
 WANDB_MODES = ("offline", "online", "disabled")
 FAMILIES = ("t5", "gemma", "gemma3")
 DATA_SOURCES = ("synthetic", "files", "jsonl", "wmt16")
@@ -142,6 +144,7 @@ class ModelConfig(_Node):
     family: Choice(*FAMILIES) = "t5"
     preset: Optional[NonEmptyStr] = None
     gguf: Optional[NonEmptyStr] = None
+    hf_name: Optional[NonEmptyStr] = None   # the Hugging Face id of the same weights (a PEFT copy names it)
     config: Optional[dict[str, Any]] = None
     embedding_init_stddev: Optional[PositiveNum] = None
     base: Optional[BaseConfig] = None
@@ -277,6 +280,27 @@ class DistributionConfig(_Node):
         return self
 
 
+@dataclasses.dataclass
+class RunLoraConfig(LoraConfig):
+    """The `lora` node: `lora3.LoraConfig` plus two keys of the run's own.
+
+    Args:
+        init_from: an adapter directory (lora3's or PEFT's format) to start training from, instead of
+            a fresh adapter; its rank, alpha and layers are the run's.
+        export: `none`, or `peft` to also write the trained adapter in PEFT's format (`adapter_peft/`).
+    """
+
+    init_from: Optional[str] = None
+    export: str = "none"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise LoraConfigError(f"init_from must be an adapter directory or null, got init_from={self.init_from!r}")
+        if self.export not in EXPORTS:
+            raise LoraConfigError(f"export must be one of {', '.join(EXPORTS)}, got export={self.export!r}")
+
+
 class AppConfig(_Node):
     """The whole config of one run (`python -m lora3.run --cfg job` prints it)."""
 
@@ -291,7 +315,7 @@ class AppConfig(_Node):
     cache_dir: Optional[str] = None
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    lora: LoraConfig = LoraConfig()   # the library's own config: its __post_init__ checks it
+    lora: RunLoraConfig = RunLoraConfig()   # the library's own config (+ init_from, export): it checks itself
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
     wandb: WandbConfig = WandbConfig()
@@ -302,11 +326,11 @@ class AppConfig(_Node):
     def _lora(cls, v):
         if not isinstance(v, Mapping):
             return v
-        fields = [f.name for f in dataclasses.fields(LoraConfig)]
+        fields = [f.name for f in dataclasses.fields(RunLoraConfig)]
         for key in v:
             if key not in fields:
                 raise ValueError(f"lora.{key} is not a key of the config {unknown_key_hint('lora.' + key)}")
-        return LoraConfig(**{k: list(x) if isinstance(x, (list, tuple)) else x for k, x in v.items()})
+        return RunLoraConfig(**{k: list(x) if isinstance(x, (list, tuple)) else x for k, x in v.items()})
 
 
 
@@ -323,6 +347,11 @@ class AppConfig(_Node):
         if self.eval.adapter and self.finetune != "none":
             problems.append(f"eval.adapter={self.eval.adapter!r} evaluates a saved adapter without training: "
                             "use it with lora=none (python -m lora3.run lora=none eval.adapter=<dir>)")
+        for key, value in (("init_from", self.lora.init_from), ("export", self.lora.export)):
+            if value not in (None, "none") and self.finetune != "lora":
+                problems.append(f"lora.{key}={value!r} needs an adapter to train (finetune=lora), not "
+                                f"finetune={self.finetune}" + (": to score an adapter alone use lora=none "
+                                                               "eval.adapter=<dir>" if key == "init_from" else ""))
         if self.distribution.mode != "none" and self.backend != "jax":
             mode = self.distribution.mode
             problems.append(
@@ -368,8 +397,9 @@ def validate(cfg) -> dict:
 
 
 def lora_config(plain: Mapping[str, Any]) -> LoraConfig:
-    """The run's `LoraConfig` from a validated plain config."""
-    lora = dict(plain.get("lora") or {})
+    """The run's `LoraConfig` from a validated plain config (the run's own keys left out)."""
+    library = {f.name for f in dataclasses.fields(LoraConfig)}
+    lora = {k: v for k, v in (plain.get("lora") or {}).items() if k in library}
     return LoraConfig(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in lora.items()})
 
 

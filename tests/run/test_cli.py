@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from lora3.errors import AdapterError
 from lora3.run.job import run_job
 from lora3.run.schema import AppConfigError, validate
 
@@ -80,13 +81,25 @@ def test_lora_full_and_none_baselines(compose, tmp_path, backend_name, lora3_cac
 @pytest.mark.slow
 def test_eval_adapter_alone_reproduces_the_trained_runs_scores(compose, tmp_path, backend_name, lora3_cache):
     """`lora=none eval.adapter=<dir>`: a saved adapter scored without training gives the scores the
-    run that trained it reported (same validation subset, greedy)."""
-    trained = run_job(compose(smoke(backend_name, lora3_cache, "rank=4")), tmp_path / "t")
-    scored = run_job(compose(smoke(backend_name, lora3_cache, "lora=none", f"eval.adapter={tmp_path / 't' / 'adapter'}")),
-                     tmp_path / "e")
-    assert scored["params"]["trainable"] == 0 and scored["params"]["adapted_layers"] > 0 and scored["history"] == []
-    assert scored["final"]["val/bleu"] == pytest.approx(trained["final"]["val/bleu"], abs=1e-6)
-    assert scored["final"]["val/loss"] == pytest.approx(trained["final"]["val/loss"], rel=1e-5)
+    run that trained it reported (same validation subset, greedy); its PEFT copy (`lora.export=peft`)
+    gives the same, and `lora.init_from=<PEFT copy>` trains on from exactly there."""
+    trained = run_job(compose(smoke(backend_name, lora3_cache, "rank=4", "lora.export=peft")), tmp_path / "t")
+    assert trained["outputs"]["adapter_peft"] == str(tmp_path / "t" / "adapter_peft")
+    assert (tmp_path / "t" / "adapter_peft" / "adapter_model.safetensors").is_file()
+    for adapter in ("adapter", "adapter_peft"):
+        scored = run_job(compose(smoke(backend_name, lora3_cache, "lora=none", f"eval.adapter={tmp_path / 't' / adapter}")),
+                         tmp_path / f"e_{adapter}")
+        assert scored["params"]["trainable"] == 0 and scored["params"]["adapted_layers"] > 0 and scored["history"] == []
+        assert scored["final"]["val/bleu"] == pytest.approx(trained["final"]["val/bleu"], abs=1e-6)
+        assert scored["final"]["val/loss"] == pytest.approx(trained["final"]["val/loss"], rel=1e-5)
+    resumed = run_job(compose(smoke(backend_name, lora3_cache, "rank=2", f"lora.init_from={tmp_path / 't' / 'adapter_peft'}",
+                                    "trainer.max_steps=2")), tmp_path / "i")
+    assert resumed["params"]["init_from"] == str(tmp_path / "t" / "adapter_peft")
+    assert resumed["params"]["trainable"] == trained["params"]["trainable"]  # the adapter's rank 4, not rank=2
+    assert resumed["before"]["val/loss"] == pytest.approx(trained["final"]["val/loss"], rel=1e-5)
+    with pytest.raises(AdapterError, match="lora.init_from=.* is not an adapter directory"):
+        run_job(compose(smoke(backend_name, lora3_cache, f"lora.init_from={tmp_path}")), tmp_path / "bad")
+    assert not (tmp_path / "bad" / "metrics.json").exists()
     with pytest.raises(AppConfigError, match="use it with lora=none"):
         validate(compose(smoke(backend_name, lora3_cache, f"eval.adapter={tmp_path}")))
 

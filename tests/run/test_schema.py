@@ -27,6 +27,24 @@ def test_the_lora_node_is_the_librarys_lora_config(compose):
     assert (cfg.rank, cfg.alpha, cfg.targets, cfg.dropout, cfg.scaling) == (4, 8.0, ("q", "v"), 0.1, 2.0)
 
 
+def test_the_runs_own_lora_keys_init_from_and_export(compose):
+    """`lora.init_from` and `lora.export` belong to the run, not to the library's LoraConfig."""
+    plain = validate(compose(["lora.init_from=/some/adapter", "lora.export=peft"]))
+    assert plain["lora"]["init_from"] == "/some/adapter" and plain["lora"]["export"] == "peft"
+    assert not hasattr(lora_config(plain), "init_from") and type(lora_config(plain)) is lora3.LoraConfig
+    assert validate(compose([]))["lora"]["export"] == "none"
+    with pytest.raises(AppConfigError, match=r"lora.export must be one of none, peft, got lora.export='hf'"):
+        validate(compose(["lora.export=hf"]))
+    with pytest.raises(AppConfigError, match=r"lora.init_from must be an adapter directory or null"):
+        validate({"lora": {"init_from": ""}})
+    with pytest.raises(AppConfigError, match=r"lora.init_from='/a' needs an adapter to train .*eval.adapter=<dir>"):
+        validate(compose(["lora=none", "+lora.init_from=/a"]))
+    with pytest.raises(AppConfigError, match=r"lora.export='peft' needs an adapter to train \(finetune=lora\), not finetune=full"):
+        validate(compose(["lora=full", "+lora.export=peft"]))
+    with pytest.raises(AppConfigError, match=r"lora.init_fro is not a key.*did you mean lora.init_from\?"):
+        validate({"lora": {"init_fro": "x"}})
+
+
 def test_strict_types_no_silent_conversion():
     with pytest.raises(AppConfigError, match=r"trainer.jit_compile=1 is not valid: it must be true or false"):
         validate({"trainer": {"jit_compile": 1}})

@@ -23,9 +23,11 @@ BUNDLE_CFG = {"name": "gemma3_270m", "family": "gemma3", "gguf": "packaged",
 
 @pytest.fixture(scope="module")
 def bundle():
-    from lora3.run import models
+    from lora3.run import finetune, models
 
-    return models.build(BUNDLE_CFG, [], seed=0)
+    # The packaged GGUF, converted once into a cached preset, as a run resolves it.
+    model_cfg, origin = finetune.model_source({"model": BUNDLE_CFG, "data": {}})
+    return models.build(model_cfg, [], seed=0, info=origin)
 
 
 def test_conversion_matches_transformers_on_multi30k(tmp_path, backend_name):
@@ -91,3 +93,43 @@ def test_lora_fit_generate_save_load_merge_on_the_real_model(bundle, tmp_path):
     merged.save_to_preset(str(tmp_path / "merged"))
     stock = keras_hub.models.Gemma3CausalLM.from_preset(str(tmp_path / "merged"))  # stock keras-hub, no lora3
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(stock(probe)), merged_out)
+
+
+def test_exported_peft_adapter_gives_peft_the_same_logits_on_the_gguf_model(tmp_path):
+    """lora3's PEFT export of an all_linear adapter on the real model, read by PEFT into transformers' own
+    GGUF load of the same file: the logits agree as the two conversions of the base do."""
+    pytest.importorskip("peft")
+    import keras
+    import keras_hub
+    import peft
+    import torch
+    import transformers
+
+    import lora3
+    from lora3.peft_format import save_peft_adapter
+    from lora3.run import gemma3_gguf
+
+    gguf = gemma3_gguf.packaged_gguf()
+    backbone = keras_hub.models.Gemma3Backbone.from_preset(str(gemma3_gguf.ensure_preset(gguf)))  # $LORA3_CACHE
+    lora3.apply_lora(backbone, lora3.LoraConfig(rank=4, alpha=8, targets="all_linear"))
+    rng = np.random.default_rng(0)
+    for w in lora3.lora_layers(backbone):
+        w.lora_A.assign(rng.normal(0, 0.02, w.lora_A.shape).astype("float32"))
+        w.lora_B.assign(rng.normal(0, 0.02, w.lora_B.shape).astype("float32"))
+    path = save_peft_adapter(backbone, tmp_path / "peft")
+    ids = np.concatenate([np.full((2, 1), 2), rng.integers(3, 30000, (2, 15))], axis=1).astype("int32")  # BOS first
+    hidden = backbone({"token_ids": ids, "padding_mask": np.ones_like(ids)})
+    ours = keras.ops.convert_to_numpy(backbone.token_embedding(hidden, reverse=True)).astype("float64")
+    del backbone, hidden
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(hf, path).eval()
+    with torch.no_grad():
+        theirs = pm(torch.tensor(ids, dtype=torch.long)).logits.numpy().astype("float64")
+        with pm.disable_adapter():
+            base = pm(torch.tensor(ids, dtype=torch.long)).logits.numpy().astype("float64")
+    scale = np.max(np.abs(theirs))
+    assert np.max(np.abs(theirs - base)) / scale > 1e-3  # the adapter changes the output
+    err = np.max(np.abs(ours - theirs)) / scale
+    print(f"PEFT export on Gemma 3 270M: max relative logit difference {err:.2e}")
+    assert err < 1e-4

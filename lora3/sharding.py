@@ -266,6 +266,8 @@ def model_parallel_class():
                     )
                 self._kernel_split[layer_path] = False
                 return self._record(path, (None,) * len(shape), msg + ": replicated, with its LoRA A/B")
+            # A named adapter's variables are `lora_A_<name>` / `lora_B_<name>`: laid out as the default's.
+            leaf = next((kind for kind in ("lora_A", "lora_B") if leaf == kind or leaf.startswith(kind + "_")), leaf)
             if leaf in ("lora_A", "lora_B") and len(shape) == 2:
                 split = self._kernel_split.get(layer_path)
                 if split is None:  # adapter without a seen kernel: decide on its own shape

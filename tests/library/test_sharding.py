@@ -104,6 +104,9 @@ def test_row_parallel_kernel_and_adapter():
     assert dist.get_variable_layout(var(f"{base}/kernel", (4, 8, 16))).axes == (MODEL_AXIS, None, None)
     assert dist.get_variable_layout(var(f"{base}/lora_A", (2, 32))).axes == (None, MODEL_AXIS)
     assert dist.get_variable_layout(var(f"{base}/lora_B", (2, 16))).axes == (None, None)
+    # a named adapter's variables (`lora_A_<name>`) are laid out as the default adapter's
+    assert dist.get_variable_layout(var(f"{base}/lora_A_fr", (2, 32))).axes == (None, MODEL_AXIS)
+    assert dist.get_variable_layout(var(f"{base}/lora_B_fr", (2, 16))).axes == (None, None)
 
 
 def test_indivisible_kernel_is_replicated_with_its_adapter():

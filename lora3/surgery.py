@@ -648,8 +648,9 @@ def _natural_key(path):
 
 
 def _is_functional(layer):
-    # (a Sequential model is one too: its graph, `_functional`, is among its layers' parents)
-    return any(cls.__name__ == "Functional" for cls in type(layer).__mro__)
+    # A Sequential model is one too: once built it calls its layers through a functional graph of
+    # its own, so a layer swapped into its layer list would never run.
+    return any(cls.__name__ in ("Functional", "Sequential") for cls in type(layer).__mro__)
 
 
 def _children(layer):

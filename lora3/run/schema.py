@@ -213,6 +213,7 @@ class TrainerConfig(_Node):
     keep_checkpoints: PositiveInt = 2
     verbose: Choice(*VERBOSITY, kind=Union[str, int]) = "auto"
     skip_nonfinite: Bool = False
+    lora_plus_ratio: Optional[PositiveNum] = None   # LoRA+: B's learning rate = ratio x A's (null: off)
     inject_nonfinite_steps: Annotated[list[PositiveInt], Field(
         description="a list of optimizer steps (positive integers), e.g. [3] or []")] = []
 
@@ -347,6 +348,9 @@ class AppConfig(_Node):
         if self.eval.adapter and self.finetune != "none":
             problems.append(f"eval.adapter={self.eval.adapter!r} evaluates a saved adapter without training: "
                             "use it with lora=none (python -m lora3.run lora=none eval.adapter=<dir>)")
+        if self.trainer.lora_plus_ratio is not None and self.finetune != "lora":
+            problems.append(f"trainer.lora_plus_ratio={self.trainer.lora_plus_ratio} sets LoRA B's learning rate: "
+                            f"it needs finetune=lora, not finetune={self.finetune}")
         for key, value in (("init_from", self.lora.init_from), ("export", self.lora.export)):
             if value not in (None, "none") and self.finetune != "lora":
                 problems.append(f"lora.{key}={value!r} needs an adapter to train (finetune=lora), not "

@@ -93,8 +93,11 @@ def compile_model(bundle, trainer: Mapping[str, Any], max_steps: int):
 
     schedule = make_schedule(float(trainer["lr"]), int(trainer["warmup_steps"]), max(1, int(max_steps)),
                              trainer["schedule"], float(trainer["min_lr_ratio"]))
-    optimizer_cls = skip_nonfinite_optimizer(keras.optimizers.AdamW) if trainer.get("skip_nonfinite") \
-        else keras.optimizers.AdamW
+    optimizer_cls = keras.optimizers.AdamW
+    if trainer.get("lora_plus_ratio"):
+        optimizer_cls = lora_plus_optimizer(optimizer_cls, float(trainer["lora_plus_ratio"]))
+    if trainer.get("skip_nonfinite"):
+        optimizer_cls = skip_nonfinite_optimizer(optimizer_cls)
     optimizer = optimizer_cls(
         learning_rate=schedule,
         weight_decay=float(trainer["weight_decay"]),
@@ -116,6 +119,60 @@ def compile_model(bundle, trainer: Mapping[str, Any], max_steps: int):
         bundle.fit_model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics, jit_compile=jit)
         bundle.model.compile(sampler="greedy", jit_compile=jit)
     return optimizer
+
+
+def is_lora_b(variable) -> bool:
+    """Whether a variable is a LoRA B matrix (`<layer>/lora_B`, or `lora_B_<name>` of a named adapter)."""
+    leaf = variable.path.rsplit("/", 1)[-1]
+    return leaf == "lora_B" or leaf.startswith("lora_B_")
+
+
+def lora_plus_optimizer(base_cls, ratio: float):
+    """LoRA+ (Hayou, Ghosh and Yu, 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"):
+    `base_cls` (a Keras optimizer class) whose learning rate for every LoRA B matrix is `ratio` times
+    the rate of everything else, A included, as PEFT's `create_loraplus_optimizer` sets its two
+    parameter groups: the update step and AdamW's decoupled weight decay both run at B's rate.
+
+    Keras' own `update_step(gradient, variable, learning_rate)` takes the rate per variable, so only
+    that rate is changed: the optimizer, its state and its schedule are Keras'.
+
+    Example:
+    >>> import keras, numpy as np
+    >>> opt = lora_plus_optimizer(keras.optimizers.SGD, 4.0)(learning_rate=0.5)
+    >>> a = keras.Variable(np.ones(2, "float32"), name="lora_A")
+    >>> b = keras.Variable(np.ones(2, "float32"), name="lora_B")
+    >>> opt.apply([np.ones(2, "float32")] * 2, [a, b])
+    >>> keras.ops.convert_to_numpy(a).tolist(), keras.ops.convert_to_numpy(b).tolist()
+    ([0.5, 0.5], [-1.0, -1.0])
+    """
+    from keras import ops
+
+    class LoraPlus(base_cls):
+        def build(self, variables):
+            super().build(variables)
+            # Keyed as the optimizer keys its own slots: the step sees backend variables on TensorFlow.
+            self._lora_b_keys = {self._var_key(v) for v in variables if is_lora_b(v)}
+
+        def _is_b(self, variable):
+            return self._var_key(variable) in self._lora_b_keys
+
+        def update_step(self, gradient, variable, learning_rate):
+            if self._is_b(variable):
+                learning_rate = ops.multiply(learning_rate, ops.cast(ratio, learning_rate.dtype))
+            return super().update_step(gradient, variable, learning_rate)
+
+        def _apply_weight_decay(self, variables):
+            super()._apply_weight_decay([v for v in variables if not self._is_b(v)])
+            if self.weight_decay is None:
+                return
+            for variable in variables:  # Keras' decoupled decay, at B's rate
+                if self._is_b(variable) and self._use_weight_decay(variable):
+                    lr = ops.multiply(ops.cast(self.learning_rate, variable.dtype), ops.cast(ratio, variable.dtype))
+                    wd = ops.cast(self.weight_decay, variable.dtype)
+                    variable.assign(variable - variable * wd * lr)
+
+    LoraPlus.__name__ = f"LoraPlus{base_cls.__name__}"
+    return LoraPlus
 
 
 def skip_nonfinite_optimizer(base_cls):

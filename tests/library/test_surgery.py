@@ -148,6 +148,13 @@ def test_functional_graph_node_is_refused():
         lora3.apply_lora(model, lora3.LoraConfig(rank=1, targets="logits"))
     assert not lora3.lora_layers(model)
 
+    # A built Sequential calls its top-level layers through its own graph: a wrapper swapped into
+    # its layer list would silently never run, so it is refused too (its blocks' layers are fine).
+    seq = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="proj")])
+    with pytest.raises(lora3.LoraConfigError, match="node of the functional model 'sequential"):
+        lora3.apply_lora(seq, lora3.LoraConfig(rank=1, targets=".*proj"))
+    assert not lora3.lora_layers(seq) and type(seq.layers[0]).__name__ == "Dense"
+
 
 @pytest.mark.parametrize(
     "kwargs, message",

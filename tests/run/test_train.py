@@ -30,6 +30,69 @@ def test_keras_schedule_matches_python(backend_name):
                                         rel=1e-5)
 
 
+def test_lora_plus_trains_b_at_ratio_times_the_rate_in_a_fit(backend_name):
+    """`trainer.lora_plus_ratio`: one jit-compiled AdamW step from B = 0. A's gradient is zero there
+    (it is multiplied by B), so A stays; Adam's first step is lr * g / (|g| + eps) (bias-corrected
+    moments g and g^2), so B moves by -ratio * lr * sign(g): the closed form, not the code's output."""
+    from lora3.run import backend
+
+    keras = backend.select(backend_name)
+    import lora3
+
+    ratio, lr = 16.0, 1e-3
+    keras.utils.set_random_seed(0)
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.proj = keras.layers.Dense(3, name="proj")
+
+        def call(self, x):
+            return self.proj(x)
+
+    model = keras.Sequential([keras.Input((4,)), Block(name="block")])
+    lora3.apply_lora(model, rank=2, alpha=2, targets=".*block/proj")
+    layer = lora3.lora_layers(model)[0]
+    a0 = keras.ops.convert_to_numpy(layer.lora_A).copy()
+    opt = tr.lora_plus_optimizer(keras.optimizers.AdamW, ratio)(learning_rate=lr, weight_decay=0.0)
+    model.compile(optimizer=opt, loss="mse", jit_compile=True)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(8, 3)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    b = keras.ops.convert_to_numpy(layer.lora_B)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.lora_A), a0)
+    assert np.all(b != 0)
+    np.testing.assert_allclose(np.abs(b), ratio * lr, rtol=1e-3)  # |g| >> eps = 1e-7 here
+
+
+def test_lora_plus_weight_decay_runs_at_each_variables_rate(backend_name):
+    """With zero gradients only AdamW's decoupled decay acts: v * (1 - wd * lr), at B's rate for B,
+    as PEFT's two parameter groups decay."""
+    from lora3.run import backend
+
+    keras = backend.select(backend_name)
+    ratio, lr, wd = 4.0, 0.01, 0.5
+    opt = tr.lora_plus_optimizer(keras.optimizers.AdamW, ratio)(learning_rate=lr, weight_decay=wd)
+    a = keras.Variable(np.ones((2, 3), "float32"), name="lora_A")
+    b = keras.Variable(np.ones((2, 3), "float32"), name="lora_B")
+    named = keras.Variable(np.ones((2, 3), "float32"), name="lora_B_fr")  # a named adapter's B
+    opt.apply([np.zeros((2, 3), "float32")] * 3, [a, b, named])
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(a), 1 - wd * lr, rtol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(b), 1 - wd * lr * ratio, rtol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(named), 1 - wd * lr * ratio, rtol=1e-6)
+
+
+@pytest.mark.one_backend
+def test_lora_plus_ratio_is_a_trainer_key_for_lora_runs(compose):
+    from lora3.run.schema import AppConfigError, validate
+
+    assert validate(compose(["trainer.lora_plus_ratio=16"]))["trainer"]["lora_plus_ratio"] == 16
+    assert validate(compose([]))["trainer"]["lora_plus_ratio"] is None
+    with pytest.raises(AppConfigError, match=r"trainer.lora_plus_ratio=0 is not valid: it must be a positive number"):
+        validate(compose(["trainer.lora_plus_ratio=0"]))
+    with pytest.raises(AppConfigError, match=r"trainer.lora_plus_ratio=16.0 sets LoRA B's learning rate: it needs finetune=lora"):
+        validate(compose(["lora=full", "trainer.lora_plus_ratio=16"]))
+
+
 def test_batch_order_is_a_pure_function_of_seed_and_step():
     whole = tr.batch_indices(10, 4, 0, 8, seed=1)
     parts = np.concatenate([tr.batch_indices(10, 4, 0, 3, seed=1), tr.batch_indices(10, 4, 3, 8, seed=1)])

@@ -315,7 +315,8 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination="sv
 
     Raises:
         LoraConfigError: an unknown or taken name, unequal ranks for
-            `"linear"`, an unknown combination, mismatched lengths, a bad
+            `"linear"`, per-layer ranks (`rank_pattern`) with another
+            combination than `"svd"`, an unknown combination, mismatched lengths, a bad
             `svd_rank` or a rank a layer cannot take. Nothing has changed then.
 
     Example:
@@ -353,6 +354,13 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination="sv
         combination = "linear"
     configs = [state.adapters[name].config for name in adapters]
     ranks = [c.rank for c in configs]
+    per_layer = [name for name, c in zip(adapters, configs) if c.rank_pattern]
+    if per_layer and combination != "svd":
+        raise LoraConfigError(
+            f"combination={combination!r} needs one rank per adapter, but {per_layer} set per-layer ranks "
+            "(rank_pattern); use combination='svd'"
+        )
+    ranks = [max([c.rank, *c.rank_pattern.values()]) for c in configs]
     if combination == "linear":
         if len(set(ranks)) != 1:
             raise LoraConfigError(

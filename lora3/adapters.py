@@ -3,12 +3,13 @@
 An adapter directory holds two files, both plain data:
 
 - `adapter_config.json`: `rank`, `alpha`, `rslora`, `dropout`, `init`,
-  `targets`, `layers`, `train_also`, `layer_paths`, `base_class`,
+  `targets`, `layers`, `train_also`, `rank_pattern`, `alpha_pattern` and
+  `exclude` (while not empty), `layer_paths`, `base_class`,
   `base_fingerprint`, `lora3_version`, `format_version` and the sha256 of the
   tensor file (so an altered file is refused, not silently loaded).
 - `adapter.safetensors`: only LoRA tensors, float32, keyed
   `<layer.path>/lora_A` `(in_features, rank)` and `<layer.path>/lora_B`
-  `(rank, out_features)`: the matrix view, `delta W = s * A @ B` with W as
+  `(rank, out_features)`, with each layer's own rank (`LoraConfig.rank_for`): the matrix view, `delta W = s * A @ B` with W as
   `(in_features, out_features)`. (The `lora_A` variable itself is stored
   `(rank, in_features)` for speed, see `lora3.layers.lora_layer`; it is transposed
   on the way in and out, so the file format is unchanged.) Weights named in `train_also` (if any) go to
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 from keras import ops
@@ -79,6 +81,9 @@ _OPTIONAL = {
     "extra_weights": list,
     "extra_sha256": str,
     "model_class": str,
+    "rank_pattern": dict,
+    "alpha_pattern": dict,
+    "exclude": list,
 }
 
 
@@ -172,6 +177,7 @@ def save_adapter(model, directory, overwrite=True, adapter_name=None, format="lo
     wrappers = [w for w in wrappers if name in w.adapter_names]
     first = wrappers[0].get_adapter(name)
     config = state.adapters[name].config if state else LoraConfig(rank=first.rank, alpha=first.alpha)
+    config = _config_matching(config, {w.path: w.get_adapter(name) for w in wrappers})
     tensors = {}
     for w in wrappers:
         adapter = w.get_adapter(name)
@@ -207,6 +213,19 @@ def save_adapter(model, directory, overwrite=True, adapter_name=None, format="lo
             json.dump(meta, f, indent=2)
             f.write("\n")
     return directory
+
+
+def _config_matching(config, adapters):
+    """`config`, with exact-path `rank_pattern` / `alpha_pattern` entries put first for any layer
+    whose adapter's rank or alpha is not what `config` gives it, so replaying the config reproduces
+    every layer (`adapters`: path -> `AdapterWeights`)."""
+    ranks = {p: a.rank for p, a in adapters.items() if a.rank != config.rank_for(p)}
+    alphas = {p: float(a.alpha) for p, a in adapters.items() if float(a.alpha) != config.alpha_for(p)}
+    if not ranks and not alphas:
+        return config
+    return LoraConfig(**{**config.to_dict(),
+                         "rank_pattern": {**{re.escape(p): r for p, r in ranks.items()}, **config.rank_pattern},
+                         "alpha_pattern": {**{re.escape(p): a for p, a in alphas.items()}, **config.alpha_pattern}})
 
 
 def read_adapter_config(directory) -> dict:
@@ -282,6 +301,9 @@ def read_adapter_config(directory) -> dict:
             init=meta.get("init", "kaiming"),
             layers=meta.get("layers"),
             train_also=meta.get("train_also") or (),
+            rank_pattern=meta.get("rank_pattern") or {},
+            alpha_pattern=meta.get("alpha_pattern") or {},
+            exclude=meta.get("exclude") or (),
         )
     except LoraConfigError as exc:
         raise AdapterError(f"{path}: {exc}") from None
@@ -408,10 +430,10 @@ def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER,
                 f"the model already has LoRA on {len(have)} layers that differ from the adapter's "
                 f"{len(paths)} layers; call lora3.merge_and_unload(model) or load onto a fresh model"
             )
-        bad = [p for p in paths if have[p].get_adapter(adapter_name).rank != config.rank]
+        bad = [p for p in paths if have[p].get_adapter(adapter_name).rank != config.rank_for(p)]
         if bad:
             raise AdapterError(f"the model's LoRA rank on {bad[0]!r} is "
-                               f"{have[bad[0]].get_adapter(adapter_name).rank}, the adapter's {config.rank}")
+                               f"{have[bad[0]].get_adapter(adapter_name).rank}, the adapter's {config.rank_for(bad[0])}")
         features = {p: (have[p].in_features, have[p].out_features) for p in paths}
         planned = None
     else:
@@ -422,8 +444,8 @@ def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER,
         features = {p: (entry.in_features, entry.out_features) for p, entry in planned.items()}
     expected = {}
     for p, (fan_in, fan_out) in features.items():
-        expected[f"{p}/lora_A"] = (fan_in, config.rank)
-        expected[f"{p}/lora_B"] = (config.rank, fan_out)
+        expected[f"{p}/lora_A"] = (fan_in, config.rank_for(p))
+        expected[f"{p}/lora_B"] = (config.rank_for(p), fan_out)
     weights_path = _read_tensors(directory, meta, expected)
     extra_names = meta.get("extra_weights") or []
     extra_path = None

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from lora3.errors import LoraConfigError
+from lora3.targets import expand as _expand_targets
 
 INITS = ("kaiming", "gaussian")
 # The adapter a surgery creates unless told otherwise (PEFT's default name too). Its variables keep
@@ -117,6 +118,34 @@ def check_init(init) -> None:
         raise LoraConfigError(f"init={init!r} is not valid: it must be one of {', '.join(INITS)}")
 
 
+def pattern_key(patterns, path):
+    """The first key of `patterns` that matches the layer path `path`, or `None`.
+
+    PEFT's rule for `rank_pattern` / `alpha_pattern` on module names, with
+    keras' `/` in place of PEFT's `.`: a key matches when
+    `re.match(rf"(.*/)?({key})$", path)` does, i.e. the key, a regex, matches
+    the whole path or a tail of it that starts after a `/`. Keys are tried in
+    the mapping's order and the first match wins.
+
+    Args:
+        patterns: mapping or iterable of str. The regex keys.
+        path: str. A layer path (`layer.path`).
+
+    Returns:
+        The matching key, a str, or `None`.
+
+    Example:
+    >>> pattern_key({"query": 4, "decoder_block_1/.*": 2}, "decoder_block_1/attention/query")
+    'query'
+    >>> pattern_key({"query": 4}, "decoder_block_1/attention/key") is None
+    True
+    """
+    for key in patterns:
+        if re.match(rf"(.*/)?({key})$", path):
+            return key
+    return None
+
+
 def scaling(rank, alpha, rslora=False) -> float:
     """The factor `s` of the update `s * A @ B`: `alpha / rank`, or `alpha / sqrt(rank)` (rsLoRA).
 
@@ -164,6 +193,24 @@ class LoraConfig:
         train_also: str or list of str. Regexes (`re.search` on the
             variable path) or the shortcuts `"layer_norm"` and `"bias"`:
             these non-LoRA weights stay trainable.
+        rank_pattern: dict. Regex -> rank, for the layers it matches
+            (PEFT's `rank_pattern`): a key matches a layer when
+            `re.match(rf"(.*/)?({key})$", layer.path)` does, so `"query"`
+            names every layer whose last path component is `query` and
+            `"decoder_block_1/.*"` every layer of block 1. The first key
+            that matches gives the layer its rank; a layer no key matches
+            gets `rank` (see `pattern_key`). Each key must match an adapted
+            layer (checked by `lora3.surgery.plan`).
+        alpha_pattern: dict. Regex -> alpha, matched as `rank_pattern`.
+        exclude: str or list of str. Targets taken out of the selection,
+            in `targets`' syntax (roles, groups, regexes fullmatched on
+            `layer.path`), as PEFT's `exclude_modules`. Each entry must
+            match an adaptable layer.
+
+    Raises:
+        LoraConfigError: naming the field and the bad value (also a
+            pattern key that is no valid regex, or a pattern value that is
+            no valid rank / alpha).
 
     Example:
     >>> cfg = LoraConfig(rank=4, alpha=8, targets=["q", "v"])
@@ -171,6 +218,9 @@ class LoraConfig:
     (2.0, ('q', 'v'))
     >>> LoraConfig.from_dict(cfg.to_dict()) == cfg
     True
+    >>> mixed = LoraConfig(rank=4, targets="all_linear", rank_pattern={"query": 8}, exclude="down")
+    >>> mixed.rank_for("decoder_block_0/attention/query"), mixed.rank_for("decoder_block_0/ffw_gating")
+    (8, 4)
     """
 
     rank: int = 8
@@ -181,9 +231,22 @@ class LoraConfig:
     init: str = "kaiming"
     layers: Any = None           # None, int, str or list of them
     train_also: Any = ()         # str or list of str
+    rank_pattern: dict = dataclasses.field(default_factory=dict)    # regex -> rank
+    alpha_pattern: dict = dataclasses.field(default_factory=dict)   # regex -> alpha
+    exclude: Any = ()            # str or list of str, as targets
 
     def __post_init__(self):
         check_scale(self.rank, self.alpha, self.dropout)
+        self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, self.alpha, self.dropout)
+        self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, self.rank, self.dropout)
+        exclude = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude or ())
+        if not all(isinstance(t, str) and t for t in exclude):
+            raise LoraConfigError(f"exclude must be a string or a list of strings, got exclude={self.exclude!r}")
+        try:
+            _expand_targets(exclude)
+        except LoraConfigError as exc:
+            raise LoraConfigError(f"exclude: {exc}") from None
+        self.exclude = tuple(exclude)
         if not isinstance(self.rslora, bool):
             raise LoraConfigError(f"rslora must be true or false, got rslora={self.rslora!r}")
         check_init(self.init)
@@ -217,6 +280,44 @@ class LoraConfig:
         """The factor `s` of the update `s * A @ B` (see `lora3.config.scaling`)."""
         return scaling(self.rank, self.alpha, self.rslora)
 
+    def rank_for(self, path) -> int:
+        """The rank of the layer at `path`: `rank_pattern`'s first matching key's, else `rank`.
+
+        Args:
+            path: str. A layer path (`layer.path`).
+
+        Example:
+        >>> LoraConfig(rank=4, rank_pattern={"block_1/.*": 2}).rank_for("block_1/query")
+        2
+        """
+        key = pattern_key(self.rank_pattern, path)
+        return self.rank if key is None else self.rank_pattern[key]
+
+    def alpha_for(self, path) -> float:
+        """The alpha of the layer at `path`: `alpha_pattern`'s first matching key's, else `alpha`.
+
+        Args:
+            path: str. A layer path (`layer.path`).
+
+        Example:
+        >>> LoraConfig(alpha=8, alpha_pattern={"query": 2}).alpha_for("block_1/query")
+        2.0
+        """
+        key = pattern_key(self.alpha_pattern, path)
+        return self.alpha if key is None else self.alpha_pattern[key]
+
+    def scaling_for(self, path) -> float:
+        """The scaling of the layer at `path`, from its own rank and alpha.
+
+        Args:
+            path: str. A layer path (`layer.path`).
+
+        Example:
+        >>> LoraConfig(rank=4, alpha=8, rank_pattern={"query": 2}).scaling_for("block_1/query")
+        4.0
+        """
+        return scaling(self.rank_for(path), self.alpha_for(path), self.rslora)
+
     @property
     def target_list(self) -> list[str]:
         """`targets` as a list, whether it holds one entry or several."""
@@ -224,6 +325,10 @@ class LoraConfig:
 
     def to_dict(self) -> dict:
         """The fields as JSON-ready data (lists, not tuples); `from_dict` reads it back.
+
+        `rank_pattern`, `alpha_pattern` and `exclude` are left out while
+        empty, so a config without per-layer settings writes the same keys
+        as before they existed.
 
         Example:
         >>> LoraConfig(rank=2, targets="qv", layers=[0, 1]).to_dict()["layers"]
@@ -233,6 +338,12 @@ class LoraConfig:
         d["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
         d["layers"] = None if self.layers is None else list(self.layers)
         d["train_also"] = list(self.train_also)
+        d["rank_pattern"] = dict(self.rank_pattern)
+        d["alpha_pattern"] = dict(self.alpha_pattern)
+        d["exclude"] = list(self.exclude)
+        for key in ("rank_pattern", "alpha_pattern", "exclude"):
+            if not d[key]:
+                del d[key]
         return d
 
     @classmethod
@@ -255,3 +366,28 @@ class LoraConfig:
         if unknown:
             raise LoraConfigError(f"unknown LoraConfig fields {sorted(unknown)}; valid: {sorted(fields)}")
         return cls(**d)
+
+
+def _check_pattern(field, pattern, other, dropout) -> dict:
+    """Checks a `rank_pattern` / `alpha_pattern` mapping; returns it as a plain dict in its order."""
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise LoraConfigError(f"{field} must be a mapping of regex -> value, got {field}={pattern!r}")
+    out = {}
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise LoraConfigError(f"{field} keys must be non-empty regex strings, got key {key!r}")
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise LoraConfigError(f"{field} key {key!r} is not a valid regex: {exc}") from None
+        try:
+            if field == "rank_pattern":
+                check_scale(value, other, dropout)
+            else:
+                check_scale(other, value, dropout)
+        except LoraConfigError as exc:
+            raise LoraConfigError(f"{field}[{key!r}]: {exc}") from None
+        out[key] = value if field == "rank_pattern" else float(value)
+    return out

@@ -190,6 +190,51 @@ def _b_from_hf(b_hf, order):
     return np.ascontiguousarray(b)
 
 
+def _most_common(values):
+    """The most frequent of `values` (the first seen among equally frequent ones)."""
+    counts = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=counts.__getitem__)
+
+
+def peft_pattern_key(patterns, name):
+    """The key of a PEFT `rank_pattern` / `alpha_pattern` that applies to module `name`, or `None`.
+
+    PEFT's rule (`peft.utils.other.get_pattern_key`): the first key for which
+    `re.match(rf"(.*\.)?({key})$", name)` matches, in the mapping's order;
+    failing that, `name` itself when it is a key.
+
+    Args:
+        patterns: mapping of str. The pattern keys.
+        name: str. A Hugging Face module name (`model.layers.0.self_attn.q_proj`).
+
+    Returns:
+        The key, a str, or `None`.
+
+    Raises:
+        re.error: a key is not a valid regex.
+
+    Example:
+    >>> peft_pattern_key({"q_proj": 8, "layers.1.mlp.*": 2}, "model.layers.1.self_attn.q_proj")
+    'q_proj'
+    >>> peft_pattern_key({"q_proj": 8}, "model.layers.1.self_attn.k_proj") is None
+    True
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name if name in patterns else None
+
+
+def _hf_pattern_key(name, all_names):
+    """A pattern key naming exactly module `name` among `all_names` under PEFT's rule: the name
+    itself (as PEFT writes them), or the name with its dots escaped when it would match another."""
+    if all(peft_pattern_key([name], other) is None for other in all_names if other != name):
+        return name
+    return re.escape(name)
+
+
 def _number(x):
     return int(x) if float(x).is_integer() else float(x)
 
@@ -292,8 +337,10 @@ def save_peft_adapter(model, directory, *, base_model_name_or_path=None, overwri
     Raises:
         AdapterError: the model has no LoRA layers, is of a family without a Hugging Face table,
             has a LoRA layer with no Hugging Face module (naming it and the supported layers),
-            mixes ranks, alphas, dropouts or rslora across layers (naming the first layer that
-            differs), or `directory` exists and `overwrite=False`.
+            mixes dropouts or rslora across layers (naming the first layer that differs), or
+            `directory` exists and `overwrite=False`. Ranks and alphas may differ: the most
+            common ones are written as `r` / `lora_alpha` and the others as `rank_pattern` /
+            `alpha_pattern`, keyed by full module names.
 
     Example:
     >>> import json, os, tempfile, keras_hub, lora3
@@ -335,12 +382,12 @@ def save_peft_adapter(model, directory, *, base_model_name_or_path=None, overwri
         )
     first = adapters[wrappers[0].path]
     for w in wrappers[1:]:
-        for field in ("rank", "alpha", "dropout", "rslora"):
+        for field in ("dropout", "rslora"):
             if getattr(adapters[w.path], field) != getattr(first, field):
                 raise AdapterError(
                     f"LoRA layer {w.path!r} has {field}={getattr(adapters[w.path], field)!r} but "
-                    f"{wrappers[0].path!r} has {field}={getattr(first, field)!r}: a PEFT adapter with per-layer settings "
-                    "(rank_pattern / alpha_pattern) is not supported yet; use one setting for all layers"
+                    f"{wrappers[0].path!r} has {field}={getattr(first, field)!r}: a PEFT adapter has one "
+                    f"{field} for all its modules (only ranks and alphas may differ, as rank_pattern / alpha_pattern)"
                 )
     adapted = [sites[w.path] for w in wrappers]
     shorts = sorted({s.short for s in adapted})
@@ -355,11 +402,21 @@ def save_peft_adapter(model, directory, *, base_model_name_or_path=None, overwri
         b = _b_to_hf(np.asarray(ops.convert_to_numpy(adapters[w.path].lora_B), dtype=np.float32), _hf_order(w.wrapped))
         tensors[f"{KEY_PREFIX}{site.hf}.lora_A.weight"] = a
         tensors[f"{KEY_PREFIX}{site.hf}.lora_B.weight"] = b
+    r = _most_common([adapters[w.path].rank for w in wrappers])
+    lora_alpha = _most_common([float(adapters[w.path].alpha) for w in wrappers])
+    all_names = [site.hf for site in sites.values()]
+    rank_pattern, alpha_pattern = {}, {}
+    for w, site in zip(wrappers, adapted):
+        if adapters[w.path].rank != r:
+            rank_pattern[_hf_pattern_key(site.hf, all_names)] = int(adapters[w.path].rank)
+        if float(adapters[w.path].alpha) != lora_alpha:
+            alpha_pattern[_hf_pattern_key(site.hf, all_names)] = _number(adapters[w.path].alpha)
     config = peft_config_dict(
-        r=first.rank, lora_alpha=first.alpha, lora_dropout=first.dropout, use_rslora=first.rslora,
+        r=r, lora_alpha=lora_alpha, lora_dropout=first.dropout, use_rslora=first.rslora,
         target_modules=target_modules, task_type=TASK_TYPES[family],
         base_model_name_or_path=base_model_name_or_path,
     )
+    config["rank_pattern"], config["alpha_pattern"] = rank_pattern, alpha_pattern
     with staged_dir(directory) as tmp:
         save_file(tensors, os.path.join(tmp, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         with open(os.path.join(tmp, PEFT_CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -422,8 +479,9 @@ def read_peft_config(directory) -> dict:
             `adapter_model.bin`), the JSON is invalid, `peft_type` is not `"LORA"`, `r`,
             `lora_alpha`, `lora_dropout` or `use_rslora` is missing or of the wrong type, or an
             option lora3 cannot represent is set (`bias` other than `"none"`, `modules_to_save`,
-            `use_dora`, `lora_bias`, `layer_replication`, `rank_pattern` / `alpha_pattern`,
-            `init_lora_weights` that rewrites the base weights, ...): the message names it.
+            `use_dora`, `lora_bias`, `layer_replication`, `init_lora_weights` that rewrites the
+            base weights, ...), or `rank_pattern` / `alpha_pattern` is not a mapping of valid
+            regexes to positive ranks / alphas: the message names it.
 
     Example:
     >>> import json, os, tempfile
@@ -485,9 +543,18 @@ def read_peft_config(directory) -> dict:
     if config.get("layer_replication"):
         refuse("layer_replication", config["layer_replication"],
                "is not supported: it builds a model with repeated layers; valid: null")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            refuse(key, config[key], "(per-layer ranks/alphas) is not supported yet; valid: {}")
+    for key, what in (("rank_pattern", "a positive integer"), ("alpha_pattern", "a positive number")):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            refuse(key, pattern, "must be a mapping of module-name regex -> value")
+        for k, v in pattern.items():
+            try:
+                re.compile(k)
+            except re.error as exc:
+                refuse(key, pattern, f"has key {k!r}, which is not a valid regex: {exc}")
+            number = isinstance(v, int) if key == "rank_pattern" else isinstance(v, (int, float))
+            if isinstance(v, bool) or not number or not v > 0:
+                refuse(key, pattern, f"has value {v!r} for {k!r}; it must be {what}")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         refuse("init_lora_weights", init,
@@ -691,21 +758,33 @@ def load_peft_adapter(model, directory, trainable=True, *, adapter_name=None) ->
     paths = [by_name[n].path for n in modules]
     order = {p: i for i, p in enumerate(sites)}
     paths.sort(key=order.__getitem__)
-    lora_config = LoraConfig(**{**lora_config.to_dict(), "targets": [re.escape(p) for p in paths]})
+    hf_of = {by_name[n].path: n for n in modules}
+    rank_pattern, alpha_pattern = {}, {}
+    for path in paths:
+        # PEFT's per-module settings, found on the module names as in the file.
+        for field, default, out in (("rank_pattern", rank, rank_pattern),
+                                    ("alpha_pattern", lora_config.alpha, alpha_pattern)):
+            patterns = config.get(field) or {}
+            key = peft_pattern_key(patterns, hf_of[path])
+            value = default if key is None else patterns[key]
+            if value != default:
+                out[re.escape(path)] = value
+    lora_config = LoraConfig(**{**lora_config.to_dict(), "targets": [re.escape(p) for p in paths],
+                                "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern})
     try:
         planned = plan(model, lora_config, layer_paths=paths, adapter_name=adapter_name)
     except LoraConfigError as exc:
         raise AdapterError(f"PEFT adapter in {os.fspath(directory)} does not fit this model: {exc}") from None
-    hf_of = {by_name[n].path: n for n in modules}
     orders = {}
     for path, entry in planned.items():
         name = hf_of[path]
         a_key, b_key = modules[name]["A"], modules[name]["B"]
-        for key, want in ((a_key, (rank, entry.in_features)), (b_key, (entry.out_features, rank))):
+        r = lora_config.rank_for(path)
+        for key, want in ((a_key, (r, entry.in_features)), (b_key, (entry.out_features, r))):
             if shapes[key] != want:
                 raise AdapterError(
                     f"{weights_path}: tensor {key!r} has shape {shapes[key]}, this model (layer {path!r}) "
-                    f"needs {want} for r={rank}"
+                    f"needs {want} for r={r}"
                 )
             if dtypes[key] not in _FLOAT_DTYPES:
                 raise AdapterError(
@@ -738,4 +817,5 @@ def load_peft_adapter(model, directory, trainable=True, *, adapter_name=None) ->
     return make_report(model)
 
 
-__all__ = ["save_peft_adapter", "load_peft_adapter", "is_peft_adapter", "read_peft_config", "peft_config_dict"]
+__all__ = ["save_peft_adapter", "load_peft_adapter", "is_peft_adapter", "read_peft_config", "peft_config_dict",
+           "peft_pattern_key"]

@@ -48,9 +48,11 @@ class AdaptedLayer:
         in_features: int. Rows of the kernel's matrix view.
         out_features: int. Columns of the kernel's matrix view.
         rank: int. The adapter's rank.
+        scaling: float or None. The adapter's scaling on this layer
+            (`alpha / rank`, or `alpha / sqrt(rank)`); `None` when unknown.
 
     Example:
-    >>> row = AdaptedLayer("block/query", "q", "Dense", 16, 8, rank=2)
+    >>> row = AdaptedLayer("block/query", "q", "Dense", 16, 8, rank=2, scaling=2.0)
     >>> row.lora_params
     48
     """
@@ -61,6 +63,7 @@ class AdaptedLayer:
     in_features: int
     out_features: int
     rank: int
+    scaling: float | None = None
 
     @property
     def lora_params(self) -> int:
@@ -86,10 +89,11 @@ class AdaptedLayer:
         >>> dense = keras.layers.Dense(3, name="proj")
         >>> dense.build((None, 4))
         >>> AdaptedLayer.from_wrapper(LoRADense(dense, rank=1, alpha=1), role="o")
-        AdaptedLayer(path='proj', role='o', kind='Dense', in_features=4, out_features=3, rank=1)
+        AdaptedLayer(path='proj', role='o', kind='Dense', in_features=4, out_features=3, rank=1, scaling=1.0)
         """
+        adapter = wrapper.get_adapter(adapter_name)
         return cls(wrapper.path, role, type(wrapper.wrapped).__name__, wrapper.in_features,
-                   wrapper.out_features, wrapper.get_adapter(adapter_name).rank)
+                   wrapper.out_features, adapter.rank, float(adapter.scaling))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +105,10 @@ class LoraReport:
     included, of every adapter (as PEFT's `print_trainable_parameters`).
     `str(report)` is the table. The rows and the config are one adapter's
     (`adapter_name`); a model with more adapters than the one `"default"`
-    gets one more line naming them and the active one.
+    gets one more line naming them and the active one. When the layers'
+    ranks or scalings differ (`rank_pattern` / `alpha_pattern`), the table
+    has a `rank` and a `scaling` column and the totals line gives their
+    ranges; with one setting for all it shows them once, in the totals line.
 
     Args:
         rows: tuple of `AdaptedLayer`, in path order.
@@ -130,6 +137,16 @@ class LoraReport:
     ...                  active_adapter="default", adapter_name="b")
     >>> print(two.table().splitlines()[-1])
     adapters: default (active), b; rows and rank: b
+    >>> mixed = LoraReport((AdaptedLayer("block/query", "q", "Dense", 16, 16, rank=4, scaling=1.0),
+    ...                     AdaptedLayer("block/value", "v", "Dense", 16, 16, rank=2, scaling=2.0)),
+    ...                    trainable_params=192, total_params=1192,
+    ...                    config=LoraConfig(rank=2, alpha=4, rank_pattern={"query": 4}))
+    >>> print(mixed)
+    layer path   role  kind   in  out  rank  scaling  LoRA params
+    -----------  ----  -----  --  ---  ----  -------  -----------
+    block/query  q     Dense  16   16     4        1          128
+    block/value  v     Dense  16   16     2        2           64
+    2 layers adapted (per layer: rank 2-4, scaling 1-2); trainable params: 192 || all params: 1,192 || trainable%: 16.1074
     """
 
     rows: tuple
@@ -144,6 +161,11 @@ class LoraReport:
     def multi_adapter(self) -> bool:
         """Whether the model's adapters are other than the one `"default"` (the report then names them)."""
         return tuple(self.adapters) not in ((), ("default",))
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the rows' ranks or scalings differ (per-layer settings)."""
+        return len({(r.rank, r.scaling) for r in self.rows}) > 1
 
     @property
     def lora_params(self) -> int:
@@ -212,9 +234,11 @@ class LoraReport:
 
         Example: see the class (`print(report)`).
         """
-        header = ("layer path", "role", "kind", "in", "out", "LoRA params")
+        mixed = self.mixed
+        header = ("layer path", "role", "kind", "in", "out", *(("rank", "scaling") if mixed else ()), "LoRA params")
         rows = [
-            (r.path, r.role or "-", r.kind, str(r.in_features), str(r.out_features), f"{r.lora_params:,}")
+            (r.path, r.role or "-", r.kind, str(r.in_features), str(r.out_features),
+             *((str(r.rank), "-" if r.scaling is None else f"{r.scaling:g}") if mixed else ()), f"{r.lora_params:,}")
             for r in self.rows
         ]
         hidden = 0
@@ -231,8 +255,19 @@ class LoraReport:
         lines += [fmt(r) for r in rows]
         if hidden:
             lines.append(f"... {hidden} more layers")
+        if mixed:
+            ranks = [r.rank for r in self.rows]
+            scalings = [r.scaling for r in self.rows if r.scaling is not None]
+
+            def span(values):
+                lo, hi = min(values), max(values)
+                return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+
+            setting = f"per layer: rank {span(ranks)}, scaling {span(scalings) if scalings else '-'}"
+        else:
+            setting = f"rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}"
         lines.append(
-            f"{len(self.rows)} layers adapted (rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}); "
+            f"{len(self.rows)} layers adapted ({setting}); "
             f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
             f"|| trainable%: {self.percent:.4f}"
         )

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import keras
 
 from lora3 import targets as targets_lib
-from lora3.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
+from lora3.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name, pattern_key
 from lora3.errors import LoraConfigError
 from lora3.fileio import atomic_write_text
 from lora3.layers import LoRADense, LoRAEinsumDense, LoRALayer
@@ -311,7 +311,9 @@ def plan(model, config: LoraConfig, layer_paths=None, adapter_name=DEFAULT_ADAPT
         LoraConfigError: the model already has an adapter of that name (or
             LoRA layers lora3 has no record of), the name is invalid, a
             second adapter asks for `train_also` (those weights are not
-            copied per adapter), a target matches nothing, a layer cannot be
+            copied per adapter), a target or `exclude` entry matches
+            nothing, a `rank_pattern` / `alpha_pattern` key matches no
+            adapted layer (the message lists some), a layer cannot be
             wrapped (a node of a functional graph, quantized, too small for
             the rank, ...) or a `train_also` entry matches no weight.
             Nothing has changed then.
@@ -343,7 +345,7 @@ def plan(model, config: LoraConfig, layer_paths=None, adapter_name=DEFAULT_ADAPT
             )
     table = _parents_of(model)  # one walk of the model serves the search and the parent lookup
     if layer_paths is None:
-        chosen = _find(model, table, config.targets, config.layers, include_wrapped=existing)
+        chosen = _find(model, table, config.targets, config.layers, include_wrapped=existing, exclude=config.exclude)
     else:
         everything = _find(model, table, ".*", None, include_wrapped=existing)
         missing = [p for p in layer_paths if p not in everything]
@@ -362,8 +364,16 @@ def plan(model, config: LoraConfig, layer_paths=None, adapter_name=DEFAULT_ADAPT
                 "(a task head or top-level layer): it is called by the graph, not through an "
                 "attribute, so lora3 cannot wrap it. Choose layers inside the blocks"
             )
-        in_features, out_features = wrapper_class(layer).check_layer(layer, config.rank)
+        in_features, out_features = wrapper_class(layer).check_layer(layer, config.rank_for(path))
         result[path] = PlannedLayer(layer, role, parents, in_features, out_features)
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field):
+            if not any(pattern_key([key], path) for path in result):
+                raise LoraConfigError(
+                    f"{field} key {key!r} matches no adapted layer (a key matches a layer when "
+                    f"re.match(r'(.*/)?(KEY)$', layer.path) does); adapted layers: "
+                    f"{targets_lib._sample(list(result), 8)}"
+                )
     patterns = _train_also_patterns(config.train_also)
     var_paths = [v.path for v in model.weights]
     for entry, pattern in patterns:
@@ -482,14 +492,14 @@ def _add_adapter(model, state, config, planned, initial_weights, adapter_name):
     """`apply_plan` on a model that already has LoRA: one more adapter, frozen and inactive."""
     if adapter_name in state.adapters:
         raise LoraConfigError(f"this model already has an adapter named {adapter_name!r}")
-    settings = dict(rank=config.rank, alpha=config.alpha, dropout=config.dropout, rslora=config.rslora,
-                    init=config.init)
+    settings = dict(dropout=config.dropout, rslora=config.rslora, init=config.init)
     roles = {}
     for path, entry in planned.items():
         initial = initial_weights(path) if initial_weights else None
         host = next((p for p in entry.parents if isinstance(p, LoRALayer)), None)
         if host is not None:
-            host.add_adapter(adapter_name, weights=initial, **settings)
+            host.add_adapter(adapter_name, weights=initial, rank=config.rank_for(path),
+                             alpha=config.alpha_for(path), **settings)
         else:
             state.wrapped_trainable.setdefault(path, entry.layer.trainable)
             host = _make_wrapper(entry.layer, config, initial, adapter_name)
@@ -674,7 +684,7 @@ def _parents_of(model):
     return table
 
 
-def _find(model, table, targets, layers, include_wrapped=False) -> dict:
+def _find(model, table, targets, layers, include_wrapped=False, exclude=()) -> dict:
     candidates = {}
     for layer, parents in table.values():
         if wrapper_class(layer) is not None:
@@ -683,7 +693,7 @@ def _find(model, table, targets, layers, include_wrapped=False) -> dict:
             candidates.setdefault(layer.path, layer)
     paths = sorted(candidates, key=_natural_key)
     family = targets_lib.family_for(c.__name__ for c in type(backbone_of(model)).__mro__)
-    chosen = targets_lib.select(paths, family, targets, layers)
+    chosen = targets_lib.select(paths, family, targets, layers, exclude)
     return {p: (candidates[p], role) for p, role in chosen.items()}
 
 
@@ -712,10 +722,10 @@ def _swap(parent, old, new):
 
 def _make_wrapper(layer, config: LoraConfig, initial=None, adapter_name=DEFAULT_ADAPTER):
     cls = wrapper_class(layer)
-    settings = dict(alpha=config.alpha, dropout=config.dropout, rslora=config.rslora, init=config.init,
-                    adapter_name=adapter_name)
+    settings = dict(alpha=config.alpha_for(layer.path), dropout=config.dropout, rslora=config.rslora,
+                    init=config.init, adapter_name=adapter_name)
     if initial is None:
-        return cls(layer, rank=config.rank, **settings)
+        return cls(layer, rank=config.rank_for(layer.path), **settings)
     return cls.from_weights(layer, *initial, **settings)
 
 

@@ -218,7 +218,7 @@ def _layer_filter(layers) -> Optional[Callable[["LayerSite"], bool]]:
 
 
 def select(
-    paths: Sequence[str], family: Optional[Family], targets, layers=None
+    paths: Sequence[str], family: Optional[Family], targets, layers=None, exclude=()
 ) -> dict[str, Optional[str]]:
     """Chooses the layer paths `targets` (and `layers`) name.
 
@@ -229,6 +229,8 @@ def select(
             on the path).
         layers: `None` or a list of block indices, `"encoder"`/`"decoder"`
             or `"encoder.N"`/`"decoder.N"` (needs a family).
+        exclude: str or list of str. Roles, groups or regexes (same syntax
+            as `targets`) whose layers are taken out of the selection.
 
     Returns:
         `{path: role or None}` in the order of `paths`.
@@ -236,13 +238,17 @@ def select(
     Raises:
         LoraConfigError: naming the first entry that matches nothing, with
             the role names, groups and the adaptable paths, so the target
-            can be fixed; or a role name / `layers=` without a family.
+            can be fixed; or a role name / `layers=` without a family; or an
+            `exclude` entry that matches no adaptable layer, or an
+            `exclude` that leaves no layer.
 
     Example:
     >>> paths = ["decoder_block_0/attention/query", "decoder_block_0/attention/key",
     ...          "decoder_block_0/ffw_linear", "decoder_block_1/attention/query"]
     >>> select(paths, FAMILIES["gemma"], ["q", "down"], layers=[0])
     {'decoder_block_0/attention/query': 'q', 'decoder_block_0/ffw_linear': 'down'}
+    >>> list(select(paths, FAMILIES["gemma"], "all_linear", exclude=["down", ".*_1/.*"]))
+    ['decoder_block_0/attention/query', 'decoder_block_0/attention/key']
     """
     sites = {p: family.parse(p) if family else None for p in paths}
     keep = _layer_filter(layers)
@@ -253,16 +259,7 @@ def select(
         )
     chosen: dict[str, Optional[str]] = {}
     for entry, what in expand(targets):
-        if isinstance(what, tuple):
-            if family is None:
-                raise LoraConfigError(
-                    f"target {entry!r} is a role name, but this model has no role map "
-                    f"(known families: {', '.join(FAMILIES)}); use a regex over layer paths, "
-                    f"e.g. one of: {_sample(paths)}"
-                )
-            matched = [p for p, s in sites.items() if s is not None and s.role in what]
-        else:
-            matched = [p for p in paths if what.fullmatch(p)]
+        matched = _matching(entry, what, paths, sites, family)
         if keep is not None:
             matched = [p for p in matched if sites[p] is not None and keep(sites[p])]
         if not matched:
@@ -274,8 +271,36 @@ def select(
             )
         for p in matched:
             chosen[p] = sites[p].role if sites[p] is not None else None
+    excluded = set()
+    for entry, what in expand(exclude or ()):
+        matched = _matching(entry, what, paths, sites, family, "exclude entry")
+        if not matched:
+            raise LoraConfigError(
+                f"exclude entry {entry!r} matches no adaptable layer. Role names: {', '.join(ROLES)}; "
+                f"groups: {', '.join(GROUPS)}; or a regex (re.fullmatch on layer.path). "
+                f"Adaptable layers of this model: {_sample(paths)}"
+            )
+        excluded.update(matched)
+    if chosen and not set(chosen) - excluded:
+        raise LoraConfigError(
+            f"exclude={list(exclude) if not isinstance(exclude, str) else exclude!r} takes out every layer "
+            f"targets={targets!r} selects ({_sample(list(chosen))}): nothing is left to adapt"
+        )
     # Keep the model's own order.
-    return {p: chosen[p] for p in paths if p in chosen}
+    return {p: chosen[p] for p in paths if p in chosen and p not in excluded}
+
+
+def _matching(entry, what, paths, sites, family, kind="target"):
+    """The paths one expanded entry (roles or a regex) names."""
+    if isinstance(what, tuple):
+        if family is None:
+            raise LoraConfigError(
+                f"{kind} {entry!r} is a role name, but this model has no role map "
+                f"(known families: {', '.join(FAMILIES)}); use a regex over layer paths, "
+                f"e.g. one of: {_sample(paths)}"
+            )
+        return [p for p, s in sites.items() if s is not None and s.role in what]
+    return [p for p in paths if what.fullmatch(p)]
 
 
 def _sample(paths: Sequence[str], limit: int = 24) -> str:

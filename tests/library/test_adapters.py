@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -210,3 +211,57 @@ def test_adapter_from_the_other_backend(tmp_path):
     bb.load_weights(str(tmp_path / "base.weights.h5"))
     lora3.load_adapter(bb, tmp_path / "adapter")
     np.testing.assert_allclose(_np(bb(tiny.gemma_inputs())), np.load(tmp_path / "y.npy"), rtol=1e-5, atol=1e-5)
+
+
+def _mixed_config():
+    return lora3.LoraConfig(rank=2, alpha=4, targets="all_linear", exclude=".*decoder.*/cross_attention/.*",
+                            rank_pattern={"query_projector": 4, "transformer_decoder_layer_1/.*": 3},
+                            alpha_pattern={"output_projector": 7})
+
+
+def test_per_layer_ranks_save_load_and_keras_file(tmp_path):
+    keras.utils.set_random_seed(0)
+    bb = tiny.t5_backbone()
+    bb.save_weights(str(tmp_path / "base.weights.h5"))
+    config = _mixed_config()
+    lora3.apply_lora(bb, config)
+    tiny.randomize_lora(bb, seed=3, scale=0.3)
+    x = tiny.t5_inputs()
+    want = t5_out(bb, x)
+    ranks = {w.path: (w.rank, w.alpha) for w in lora3.lora_layers(bb)}
+    assert {r for r, _ in ranks.values()} == {2, 3, 4} and {a for _, a in ranks.values()} == {4.0, 7.0}
+    lora3.save_adapter(bb, tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert meta["rank_pattern"] == config.rank_pattern and meta["exclude"] == list(config.exclude)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(tmp_path / "adapter" / WEIGHTS_NAME))
+    for path, (rank, _) in ranks.items():
+        assert tensors[f"{path}/lora_A"].shape[1] == rank and tensors[f"{path}/lora_B"].shape[0] == rank
+    again = fresh_base(tmp_path)
+    lora3.load_adapter(again, tmp_path / "adapter")
+    assert {w.path: (w.rank, w.alpha) for w in lora3.lora_layers(again)} == ranks
+    np.testing.assert_allclose(t5_out(again, x), want, rtol=1e-5, atol=1e-6)
+    lora3.load_adapter(again, tmp_path / "adapter")  # into the layers already there: per-layer shapes fit
+    # a tampered config (one rank changed) is refused by the tensors' shapes
+    meta["rank_pattern"] = {"query_projector": 2, "transformer_decoder_layer_1/.*": 3}
+    (tmp_path / "adapter" / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(lora3.AdapterError, match="query_projector/lora_A' has shape .*needs"):
+        lora3.load_adapter(fresh_base(tmp_path), tmp_path / "adapter")
+    bb.save(str(tmp_path / "model.keras"))
+    loaded = lora3.load_model(str(tmp_path / "model.keras"))
+    assert {w.path: (w.rank, w.alpha) for w in lora3.lora_layers(loaded)} == ranks
+    np.testing.assert_allclose(t5_out(loaded, x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_settings_the_config_does_not_give_are_recorded_by_path(tmp_path):
+    bb = tiny.t5_backbone(layers=1)
+    lora3.apply_lora(bb, lora3.LoraConfig(rank=2, alpha=4, targets="qv"))
+    odd = lora3.lora_layers(bb)[0]
+    odd.get_adapter().alpha = 9.0  # as a layer edited after the surgery would be
+    lora3.save_adapter(bb, tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert meta["alpha_pattern"] == {re.escape(odd.path): 9.0}
+    again = tiny.t5_backbone(layers=1)
+    lora3.load_adapter(again, tmp_path / "adapter")
+    assert [w.alpha for w in lora3.lora_layers(again)] == [w.get_adapter().alpha for w in lora3.lora_layers(bb)]

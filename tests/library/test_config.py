@@ -76,7 +76,8 @@ def test_errors_are_value_errors():
 
 def test_fields_types_and_defaults_are_the_apps_schema():
     # The app uses LoraConfig as the `lora` node of its Hydra structured config: these must not move.
-    fields = {f.name: (f.type, f.default) for f in dataclasses.fields(LoraConfig)}
+    fields = {f.name: (f.type, f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+              for f in dataclasses.fields(LoraConfig)}
     assert fields == {
         "rank": ("int", 8),
         "alpha": ("float", 16.0),
@@ -86,6 +87,9 @@ def test_fields_types_and_defaults_are_the_apps_schema():
         "init": ("str", "kaiming"),
         "layers": ("Any", None),
         "train_also": ("Any", ()),
+        "rank_pattern": ("dict", {}),
+        "alpha_pattern": ("dict", {}),
+        "exclude": ("Any", ()),
     }
     cfg = LoraConfig()
     cfg.rank = 4  # a plain dataclass, not frozen
@@ -111,12 +115,15 @@ def test_normalisation():
         {"rank": 4, "alpha": 8, "targets": ["q", "down"], "dropout": 0.1, "rslora": True, "init": "gaussian",
          "layers": [0, "decoder.1"], "train_also": ["layer_norm", r"/bias$"]},
         {"targets": "all_linear", "layers": 2},
+        {"targets": "all_linear", "rank_pattern": {"query": 4, r"decoder_block_1/.*": 2},
+         "alpha_pattern": {"ffw_.*": 3}, "exclude": ["o", r".*_7/.*"]},
     ],
 )
 def test_to_dict_from_dict_round_trip_through_json(kwargs):
     cfg = LoraConfig(**kwargs)
     d = cfg.to_dict()
-    assert set(d) == {f.name for f in dataclasses.fields(LoraConfig)}
+    optional = {"rank_pattern", "alpha_pattern", "exclude"}  # written only when set
+    assert set(d) == {f.name for f in dataclasses.fields(LoraConfig)} - (optional - set(kwargs))
     assert not any(isinstance(v, tuple) for v in d.values())  # JSON-ready: lists, not tuples
     again = LoraConfig.from_dict(json.loads(json.dumps(d)))
     assert again == cfg and again.to_dict() == d
@@ -169,3 +176,63 @@ def test_check_init():
         check_init(init)
     with pytest.raises(lora3.LoraConfigError, match=re.escape("init='he' is not valid")):
         check_init("he")
+
+
+# -- per-layer settings -------------------------------------------------------------------------------------
+
+def _peft_rule(patterns, name, default):
+    """PEFT's `get_pattern_key` + `.get(...)` on dotted module names, written out independently."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return patterns.get(name, default)
+
+
+PATHS = ["decoder_block_0/attention/query", "decoder_block_0/attention/key", "decoder_block_1/attention/query",
+         "decoder_block_1/ffw_linear", "decoder_block_11/ffw_linear", "transformer_encoder_layer_0/self_attention/query_projector"]
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize("patterns", [
+    {"query": 8},
+    {"decoder_block_1/.*": 2, "query": 8},  # first key wins: block 1's query gets 2
+    {"query": 8, "decoder_block_1/.*": 2},  # ... or 8
+    {"attention/(query|key)": 3, "ffw_linear": 5},
+    {"block_1/ffw_linear": 6},  # a tail must start after a '/': not decoder_block_11
+    {"uery": 7, "decoder_block_0/attention/key": 9},  # 'uery' is no whole component: nothing
+])
+def test_rank_and_alpha_follow_peft_first_match_rule(patterns):
+    cfg = LoraConfig(rank=4, alpha=16, rank_pattern=patterns, alpha_pattern={k: 2.0 * v for k, v in patterns.items()})
+    for path in PATHS:
+        dotted = path.replace("/", ".")
+        dotted_patterns = {k.replace("/", r"\."): v for k, v in patterns.items()}
+        assert cfg.rank_for(path) == _peft_rule(dotted_patterns, dotted, 4), path
+        assert cfg.alpha_for(path) == _peft_rule({k: 2.0 * v for k, v in dotted_patterns.items()}, dotted, 16.0)
+        assert cfg.scaling_for(path) == pytest.approx(cfg.alpha_for(path) / cfg.rank_for(path))
+    assert LoraConfig(rank=4, alpha=8, rslora=True, rank_pattern={"query": 16}).scaling_for("b/query") == 2.0
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank_pattern": {"([": 2}}, "rank_pattern key '([' is not a valid regex"),
+    ({"rank_pattern": {"query": 0}}, "rank_pattern['query']: rank must be a positive integer, got rank=0"),
+    ({"rank_pattern": {"query": 2.0}}, "rank_pattern['query']: rank must be a positive integer, got rank=2.0"),
+    ({"rank_pattern": {"query": True}}, "rank_pattern['query']: rank must be a positive integer, got rank=True"),
+    ({"alpha_pattern": {"query": -1}}, "alpha_pattern['query']: alpha must be a positive number, got alpha=-1"),
+    ({"alpha_pattern": {"query": float("nan")}}, "alpha_pattern['query']: alpha must be a positive number"),
+    ({"alpha_pattern": {"": 2}}, "alpha_pattern keys must be non-empty regex strings, got key ''"),
+    ({"rank_pattern": ["query"]}, "rank_pattern must be a mapping of regex -> value, got rank_pattern=['query']"),
+    ({"exclude": [3]}, "exclude must be a string or a list of strings, got exclude=[3]"),
+    ({"exclude": "(["}, "exclude: target '([' is neither a role"),
+])
+def test_per_layer_settings_are_checked(kwargs, message):
+    with pytest.raises(lora3.LoraConfigError, match=re.escape(message)):
+        LoraConfig(**kwargs)
+
+
+@pytest.mark.one_backend
+def test_per_layer_settings_normalisation():
+    cfg = LoraConfig(rank_pattern=None, alpha_pattern={"q": 2}, exclude="down")
+    assert cfg.rank_pattern == {} and cfg.alpha_pattern == {"q": 2.0} and isinstance(cfg.alpha_pattern["q"], float)
+    assert cfg.exclude == ("down",) and LoraConfig(exclude=None).exclude == ()
+    assert list(LoraConfig(rank_pattern={"b": 1, "a": 2}).to_dict()["rank_pattern"]) == ["b", "a"]  # order kept

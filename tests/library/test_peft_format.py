@@ -426,8 +426,12 @@ REFUSED_CONFIGS = [
     ({"use_dora": True}, "use_dora=True"),
     ({"lora_bias": True}, "lora_bias=True"),
     ({"layer_replication": [[0, 1]]}, "layer_replication"),
-    ({"rank_pattern": {"q_proj": 4}}, "rank_pattern.*not supported yet"),
-    ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern.*not supported yet"),
+    ({"rank_pattern": {"q_proj": 4}}, "q_proj.lora_A.weight' has shape \\(2, 16\\).*needs \\(4, 16\\) for r=4"),
+    ({"rank_pattern": {"q_proj": 0}}, "rank_pattern=.*value 0 for 'q_proj'.*positive integer"),
+    ({"rank_pattern": {"q_proj": 2.5}}, "rank_pattern=.*value 2.5"),
+    ({"rank_pattern": {"([": 2}}, "rank_pattern=.*key '\\(\\['.*not a valid regex"),
+    ({"alpha_pattern": {"q_proj": -1}}, "alpha_pattern=.*value -1.*positive number"),
+    ({"alpha_pattern": ["q_proj"]}, "alpha_pattern=.*must be a mapping"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'.*base weights"),
     ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
     ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
@@ -565,10 +569,10 @@ def test_export_refusals(tmp_path):
     model = gemma_backbone(layers=1)
     lora3.apply_lora(model, rank=2, alpha=4, targets="qv")
     odd_one = lora_layers(model)[1].get_adapter("default")
-    odd_one.alpha = 8.0  # one layer with other settings, as a per-layer alpha would leave it
-    with pytest.raises(AdapterError, match="alpha=8.0.*rank_pattern / alpha_pattern.*not supported yet"):
+    odd_one.dropout = 0.1  # one layer with another dropout: PEFT has one for all modules
+    with pytest.raises(AdapterError, match="dropout=0.1.*one dropout for all its modules"):
         save_peft_adapter(model, tmp_path / "d")
-    odd_one.alpha = 4.0
+    odd_one.dropout = 0.0
     assert not (tmp_path / "d").exists()
     save_peft_adapter(model, tmp_path / "d")
     with pytest.raises(AdapterError, match="already exists"):
@@ -577,3 +581,66 @@ def test_export_refusals(tmp_path):
     assert keys == [Q_A, Q_B, Q_A.replace("q_proj", "v_proj"), Q_B.replace("q_proj", "v_proj")]
     shutil.rmtree(tmp_path / "d")
     assert not os.path.exists(tmp_path / "d")
+
+
+# -- per-layer ranks and alphas (rank_pattern / alpha_pattern) ------------------------------------------------
+
+RANK_PATTERN = {"q_proj": 4, r"layers\.1\.mlp\..*": 3}
+ALPHA_PATTERN = {"down_proj": 9, "v_proj": 2}
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3"])
+def test_peft_rank_and_alpha_patterns_load_with_the_same_logits(hf_dirs, tmp_path, family):
+    _, peft, _ = _hf()
+    theirs = peft_adapter(hf_dirs, family, tmp_path / "peft", ALL_LINEAR["gemma"], 2, 4, False,
+                          rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)
+    pm = peft.PeftModel.from_pretrained(hf_model(hf_dirs, family), tmp_path / "peft").eval()
+    peft_ranks = {n[len("base_model.model."):]: (m.r["default"], m.lora_alpha["default"])
+                  for n, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert {r for r, _ in peft_ranks.values()} == {2, 3, 4}  # the patterns took effect in PEFT
+    backbone = keras_model(hf_dirs, family)
+    report = load_peft_adapter(backbone, tmp_path / "peft", trainable=False)
+    hf_name = {"query": "self_attn.q_proj", "key": "self_attn.k_proj", "value": "self_attn.v_proj",
+               "attention_output": "self_attn.o_proj", "ffw_gating": "mlp.gate_proj", "ffw_gating_2": "mlp.up_proj",
+               "ffw_linear": "mlp.down_proj"}
+    ours_ranks = {f"model.layers.{w.path.split('/')[0].rsplit('_', 1)[1]}.{hf_name[w.path.rsplit('/', 1)[1]]}":
+                  (w.rank, w.alpha) for w in lora_layers(backbone)}
+    assert ours_ranks == peft_ranks
+    assert {r.rank for r in report.rows} == {2, 3, 4}
+    ours = keras_logits(backbone, family)
+    print(f"import {family} rank_pattern/alpha_pattern: max relative logit difference {rel(ours, theirs):.2e}")
+    assert rel(ours, theirs) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gemma", "t5"])
+def test_mixed_ranks_export_to_peft_with_the_same_logits(hf_dirs, tmp_path, family):
+    _, peft, _ = _hf()
+    backbone = keras_model(hf_dirs, family)
+    if family == "t5":
+        config = lora3.LoraConfig(rank=2, alpha=4, targets="all_linear", exclude="o",
+                                  rank_pattern={"query_projector": 4, "transformer_decoder_layer_1/.*": 3},
+                                  alpha_pattern={"output_projector": 6})
+    else:
+        config = lora3.LoraConfig(rank=2, alpha=4, targets="all_linear", exclude="decoder_block_0/ffw_gating",
+                                  rank_pattern={"query": 4, "decoder_block_1/ffw_.*": 3},
+                                  alpha_pattern={"ffw_linear": 6, "value": 1})
+    lora3.apply_lora(backbone, config)
+    randomize_lora(backbone, seed=8, scale=0.3)
+    ours = keras_logits(backbone, family)
+    path = save_peft_adapter(backbone, tmp_path / "peft")
+    written = json.loads((tmp_path / "peft" / PEFT_CONFIG_NAME).read_text())
+    assert (written["r"], written["lora_alpha"]) == (2, 4) and written["rank_pattern"] and written["alpha_pattern"]
+    assert all(k.startswith(("model.layers.", "encoder.", "decoder.")) for k in written["rank_pattern"])
+    pm = peft.PeftModel.from_pretrained(hf_model(hf_dirs, family), path).eval()
+    adapted = {n: (m.r["default"], m.lora_alpha["default"])
+               for n, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert sorted(adapted.values()) == sorted((w.rank, w.alpha) for w in lora_layers(backbone))
+    theirs = hf_logits(pm, family)
+    print(f"export {family} mixed ranks: max relative logit difference {rel(ours, theirs):.2e}")
+    assert rel(ours, theirs) < 1e-4
+    # and back: lora3 reads its own export into the same per-layer settings
+    again = keras_model(hf_dirs, family)
+    load_peft_adapter(again, path)
+    assert [(w.path, w.rank, w.alpha) for w in lora_layers(again)] == \
+        [(w.path, w.rank, w.alpha) for w in lora_layers(backbone)]
+    assert rel(keras_logits(again, family), ours) < 1e-5

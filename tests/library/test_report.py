@@ -73,11 +73,11 @@ def test_to_dict():
     assert d == {
         "layers": [
             {"path": "encoder/block_0/attention/query", "role": "q", "kind": "EinsumDense", "in_features": 768,
-             "out_features": 768, "rank": 8, "lora_params": 12_288},
+             "out_features": 768, "rank": 8, "scaling": None, "lora_params": 12_288},
             {"path": "encoder/block_0/attention/value", "role": "v", "kind": "EinsumDense", "in_features": 768,
-             "out_features": 768, "rank": 8, "lora_params": 12_288},
+             "out_features": 768, "rank": 8, "scaling": None, "lora_params": 12_288},
             {"path": "encoder/block_0/ffn/down", "role": None, "kind": "Dense", "in_features": 2048,
-             "out_features": 768, "rank": 8, "lora_params": 22_528},
+             "out_features": 768, "rank": 8, "scaling": None, "lora_params": 22_528},
         ],
         "adapted_layers": 3,
         "lora_params": 47_104,
@@ -95,7 +95,7 @@ def test_adapted_layer_from_wrappers():
     dense = keras.layers.Dense(6, name="proj")
     dense.build((None, 5))
     row = AdaptedLayer.from_wrapper(LoRADense(dense, rank=2, alpha=4), role="down")
-    assert row == AdaptedLayer("proj", "down", "Dense", 5, 6, rank=2) and row.lora_params == 2 * (5 + 6)
+    assert row == AdaptedLayer("proj", "down", "Dense", 5, 6, rank=2, scaling=2.0) and row.lora_params == 2 * (5 + 6)
     q = keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(None, 3, 4), name="query")
     q.build((None, None, 8))
     row = AdaptedLayer.from_wrapper(LoRAEinsumDense(q, rank=2, alpha=4))

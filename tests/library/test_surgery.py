@@ -282,3 +282,69 @@ def test_a_quantized_layer_is_refused_before_any_change():
     with pytest.raises(lora3.LoraConfigError, match=re.escape("layer 'block/heads' is quantized")):
         lora3.apply_lora(model, lora3.LoraConfig(rank=1, targets=r"block/.*"))
     assert not lora3.lora_layers(model) and lora_state(model) is None
+
+
+# -- per-layer settings (rank_pattern, alpha_pattern, exclude) --------------------------------------------
+
+class _Two(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.proj_a = keras.layers.Dense(6, name="proj_a")
+        self.proj_b = keras.layers.Dense(5, name="proj_b")
+        self.proj_c = keras.layers.Dense(5, name="proj_c")
+
+    def call(self, x):
+        return self.proj_c(self.proj_b(self.proj_a(x)))
+
+
+def _two():
+    return keras.Sequential([keras.Input((4,)), _Two(name="block")], name="net")
+
+
+def test_per_layer_rank_and_alpha_match_a_numpy_forward():
+    keras.utils.set_random_seed(0)
+    model = _two()
+    config = lora3.LoraConfig(rank=2, alpha=4, targets=r".*block/proj_.", rank_pattern={"proj_a": 3},
+                              alpha_pattern={"block/proj_b": 9}, exclude=".*proj_c")
+    report = lora3.apply_lora(model, config)
+    assert [(r.path, r.rank, r.scaling) for r in report.rows] == [("net/block/proj_a", 3, 4 / 3),
+                                                                    ("net/block/proj_b", 2, 4.5)]
+    assert "rank  scaling" in str(report) and "per layer: rank 2-3, scaling 1.33333-4.5" in str(report)
+    tiny.randomize_lora(model, seed=1, scale=0.5)
+    x = np.random.default_rng(2).normal(size=(3, 4)).astype("float32")
+    h = x
+    for w, s in zip(lora3.lora_layers(model), (4 / 3, 4.5)):
+        kernel, bias = _np(w.wrapped.kernel), _np(w.wrapped.bias)
+        h = h @ kernel + bias + s * (h @ _np(w.lora_A).T) @ _np(w.lora_B)
+    c = model.layers[0].proj_c
+    want = h @ _np(c.kernel) + _np(c.bias)
+    np.testing.assert_allclose(_np(model(x)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_patterns_exclude_and_record():
+    bb = tiny.gemma_backbone(layers=2)
+    config = lora3.LoraConfig(rank=2, alpha=4, targets="all_linear", exclude=["o", "decoder_block_0/ffw_.*"],
+                              rank_pattern={"query": 4, "decoder_block_1/.*": 3}, alpha_pattern={"ffw_linear": 6})
+    report = lora3.apply_lora(bb, config)
+    got = {r.path: (r.rank, r.scaling) for r in report.rows}
+    assert not any(p.endswith("attention_output") or p.startswith("decoder_block_0/ffw") for p in got)
+    assert got["decoder_block_0/attention/query"] == (4, 1.0) and got["decoder_block_1/attention/query"] == (4, 1.0)
+    assert got["decoder_block_0/attention/key"] == (2, 2.0) and got["decoder_block_1/attention/key"] == (3, 4 / 3)
+    assert got["decoder_block_1/ffw_linear"] == (3, 2.0)
+    assert report.lora_params == sum(r.rank * (r.in_features + r.out_features) for r in report.rows)
+    assert lora_state(bb).record()["config"]["rank_pattern"] == {"query": 4, "decoder_block_1/.*": 3}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank_pattern": {"nowhere": 2}}, r"rank_pattern key 'nowhere' matches no adapted layer.*adapted layers: "
+                                       r"\[decoder_block_0/attention/query"),
+    ({"alpha_pattern": {"ffw_linear": 2}}, r"alpha_pattern key 'ffw_linear' matches no adapted layer"),
+    ({"exclude": "nothing_here"}, r"exclude entry 'nothing_here' matches no adaptable layer.*decoder_block_0/"),
+    ({"exclude": "qv"}, r"exclude=\['qv'\] takes out every layer"),
+    ({"rank_pattern": {"query": 99}}, r"rank"),
+])
+def test_per_layer_refusals_name_the_key_and_leave_the_model_unchanged(kwargs, message):
+    bb = tiny.gemma_backbone(layers=1)
+    with pytest.raises(lora3.LoraConfigError, match=message):
+        lora3.apply_lora(bb, lora3.LoraConfig(rank=2, targets="qv", **kwargs))
+    assert lora3.lora_layers(bb) == [] and lora_state(bb) is None

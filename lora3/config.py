@@ -239,8 +239,8 @@ class LoraConfig:
         check_scale(self.rank, self.alpha, self.dropout)
         self.rank_pattern = _check_pattern("rank_pattern", self.rank_pattern, self.alpha, self.dropout)
         self.alpha_pattern = _check_pattern("alpha_pattern", self.alpha_pattern, self.rank, self.dropout)
-        exclude = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude or ())
-        if not all(isinstance(t, str) and t for t in exclude):
+        exclude = [self.exclude] if isinstance(self.exclude, str) else self.exclude or ()
+        if not isinstance(exclude, (list, tuple)) or not all(isinstance(t, str) and t for t in exclude):
             raise LoraConfigError(f"exclude must be a string or a list of strings, got exclude={self.exclude!r}")
         try:
             _expand_targets(exclude)
@@ -387,7 +387,8 @@ def _check_pattern(field, pattern, other, dropout) -> dict:
                 check_scale(value, other, dropout)
             else:
                 check_scale(other, value, dropout)
-        except LoraConfigError as exc:
-            raise LoraConfigError(f"{field}[{key!r}]: {exc}") from None
+        except LoraConfigError:
+            what = "a positive integer" if field == "rank_pattern" else "a positive number"
+            raise LoraConfigError(f"{field}[{key!r}]={value!r} is not valid: it must be {what}") from None
         out[key] = value if field == "rank_pattern" else float(value)
     return out

@@ -516,6 +516,7 @@ def _messages(e: ValidationError, plain) -> list[str]:
             text = str(err.get("ctx", {}).get("error", err["msg"]))
             if parts == ["lora"] and not text.startswith("lora."):  # LoraConfig's own ("rank must be ..., got rank=0")
                 text = re.sub(r"^(\w+) (must|is)", r"lora.\1 \2", re.sub(r"\b(\w+)=", r"lora.\1=", text))
+                text = re.sub(r"^(\w+_pattern)\[", r"lora.\1[", text)
             msg = text
         else:
             value = _lookup(plain, parts) if parts else err.get("input")

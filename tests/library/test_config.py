@@ -215,14 +215,15 @@ def test_rank_and_alpha_follow_peft_first_match_rule(patterns):
 @pytest.mark.one_backend
 @pytest.mark.parametrize("kwargs, message", [
     ({"rank_pattern": {"([": 2}}, "rank_pattern key '([' is not a valid regex"),
-    ({"rank_pattern": {"query": 0}}, "rank_pattern['query']: rank must be a positive integer, got rank=0"),
-    ({"rank_pattern": {"query": 2.0}}, "rank_pattern['query']: rank must be a positive integer, got rank=2.0"),
-    ({"rank_pattern": {"query": True}}, "rank_pattern['query']: rank must be a positive integer, got rank=True"),
-    ({"alpha_pattern": {"query": -1}}, "alpha_pattern['query']: alpha must be a positive number, got alpha=-1"),
-    ({"alpha_pattern": {"query": float("nan")}}, "alpha_pattern['query']: alpha must be a positive number"),
+    ({"rank_pattern": {"query": 0}}, "rank_pattern['query']=0 is not valid: it must be a positive integer"),
+    ({"rank_pattern": {"query": 2.0}}, "rank_pattern['query']=2.0 is not valid: it must be a positive integer"),
+    ({"rank_pattern": {"query": True}}, "rank_pattern['query']=True is not valid: it must be a positive integer"),
+    ({"alpha_pattern": {"query": -1}}, "alpha_pattern['query']=-1 is not valid: it must be a positive number"),
+    ({"alpha_pattern": {"query": float("nan")}}, "alpha_pattern['query']=nan is not valid: it must be a positive number"),
     ({"alpha_pattern": {"": 2}}, "alpha_pattern keys must be non-empty regex strings, got key ''"),
     ({"rank_pattern": ["query"]}, "rank_pattern must be a mapping of regex -> value, got rank_pattern=['query']"),
     ({"exclude": [3]}, "exclude must be a string or a list of strings, got exclude=[3]"),
+    ({"exclude": 5}, "exclude must be a string or a list of strings, got exclude=5"),
     ({"exclude": "(["}, "exclude: target '([' is neither a role"),
 ])
 def test_per_layer_settings_are_checked(kwargs, message):

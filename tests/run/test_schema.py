@@ -45,6 +45,16 @@ def test_the_runs_own_lora_keys_init_from_and_export(compose):
         validate({"lora": {"init_fro": "x"}})
 
 
+def test_per_layer_lora_settings_are_keys_of_the_lora_node(compose):
+    plain = validate(compose(["targets=attention", "lora.rank_pattern={.*query: 4}", "lora.exclude=[k]"]))
+    cfg = lora_config(plain)
+    assert cfg.rank_pattern == {".*query": 4} and cfg.exclude == ("k",) and cfg.alpha_pattern == {}
+    with pytest.raises(AppConfigError, match=r"lora.rank_pattern\['.\*query'\]=0 is not valid: it must be a positive integer"):
+        validate(compose(["lora.rank_pattern={.*query: 0}"]))
+    with pytest.raises(AppConfigError, match=r"lora.exclude must be a string or a list of strings, got lora.exclude=5"):
+        validate(compose(["lora.exclude=5"]))
+
+
 def test_strict_types_no_silent_conversion():
     with pytest.raises(AppConfigError, match=r"trainer.jit_compile=1 is not valid: it must be true or false"):
         validate({"trainer": {"jit_compile": 1}})

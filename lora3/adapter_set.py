@@ -353,6 +353,12 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination="sv
     if len(adapters) == 1:
         combination = "linear"
     configs = [state.adapters[name].config for name in adapters]
+    dora = [name for name, c in zip(adapters, configs) if c.dora]
+    if dora:
+        raise LoraConfigError(
+            f"add_weighted_adapter does not combine DoRA adapters ({dora}): their magnitude vectors "
+            "have no weighted sum that keeps each adapter's layer outputs"
+        )
     ranks = [c.rank for c in configs]
     per_layer = [name for name, c in zip(adapters, configs) if c.rank_pattern]
     if per_layer and combination != "svd":
@@ -466,9 +472,7 @@ def _fresh_optimizer(optimizer):
 def _adapter_variables(wrapper):
     for name in wrapper.adapter_names:
         adapter = wrapper.get_adapter(name)
-        for v in (adapter.lora_A, adapter.lora_B):
-            if v is not None:
-                yield v
+        yield from adapter.variables()
 
 
 def _find_state(model):

@@ -9,7 +9,8 @@ An adapter directory holds two files, both plain data:
   tensor file (so an altered file is refused, not silently loaded).
 - `adapter.safetensors`: only LoRA tensors, float32, keyed
   `<layer.path>/lora_A` `(in_features, rank)` and `<layer.path>/lora_B`
-  `(rank, out_features)`, with each layer's own rank (`LoraConfig.rank_for`): the matrix view, `delta W = s * A @ B` with W as
+  `(rank, out_features)` (and, for a DoRA adapter, whose config has
+  `"dora": true`, `<layer.path>/lora_magnitude` `(out_features,)`), with each layer's own rank (`LoraConfig.rank_for`): the matrix view, `delta W = s * A @ B` with W as
   `(in_features, out_features)`. (The `lora_A` variable itself is stored
   `(rank, in_features)` for speed, see `lora3.layers.lora_layer`; it is transposed
   on the way in and out, so the file format is unchanged.) Weights named in `train_also` (if any) go to
@@ -84,6 +85,7 @@ _OPTIONAL = {
     "rank_pattern": dict,
     "alpha_pattern": dict,
     "exclude": list,
+    "dora": bool,
 }
 
 
@@ -183,8 +185,10 @@ def save_adapter(model, directory, overwrite=True, adapter_name=None, format="lo
         adapter = w.get_adapter(name)
         tensors[f"{w.path}/lora_A"] = np.ascontiguousarray(ops.convert_to_numpy(adapter.lora_A).T, dtype=np.float32)
         tensors[f"{w.path}/lora_B"] = np.ascontiguousarray(ops.convert_to_numpy(adapter.lora_B), dtype=np.float32)
-    lora_ids = {id(v) for w in lora_layers(model) for n in w.adapter_names
-                for v in (w.get_adapter(n).lora_A, w.get_adapter(n).lora_B)}
+        if adapter.dora:
+            tensors[f"{w.path}/lora_magnitude"] = np.ascontiguousarray(
+                ops.convert_to_numpy(adapter.lora_magnitude), dtype=np.float32)
+    lora_ids = {id(v) for w in lora_layers(model) for n in w.adapter_names for v in w.get_adapter(n).variables()}
     if name == active:
         candidates = [v for v in model.trainable_weights if id(v) not in lora_ids]
     else:
@@ -304,6 +308,7 @@ def read_adapter_config(directory) -> dict:
             rank_pattern=meta.get("rank_pattern") or {},
             alpha_pattern=meta.get("alpha_pattern") or {},
             exclude=meta.get("exclude") or (),
+            dora=meta.get("dora", False),
         )
     except LoraConfigError as exc:
         raise AdapterError(f"{path}: {exc}") from None
@@ -430,6 +435,10 @@ def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER,
                 f"the model already has LoRA on {len(have)} layers that differ from the adapter's "
                 f"{len(paths)} layers; call lora3.merge_and_unload(model) or load onto a fresh model"
             )
+        bad = [p for p in paths if have[p].get_adapter(adapter_name).dora != config.dora]
+        if bad:
+            raise AdapterError(f"the model's adapter {adapter_name!r} on {bad[0]!r} has dora="
+                               f"{not config.dora}, the adapter file dora={config.dora}")
         bad = [p for p in paths if have[p].get_adapter(adapter_name).rank != config.rank_for(p)]
         if bad:
             raise AdapterError(f"the model's LoRA rank on {bad[0]!r} is "
@@ -446,6 +455,8 @@ def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER,
     for p, (fan_in, fan_out) in features.items():
         expected[f"{p}/lora_A"] = (fan_in, config.rank_for(p))
         expected[f"{p}/lora_B"] = (config.rank_for(p), fan_out)
+        if config.dora:
+            expected[f"{p}/lora_magnitude"] = (fan_out,)
     weights_path = _read_tensors(directory, meta, expected)
     extra_names = meta.get("extra_weights") or []
     extra_path = None
@@ -469,8 +480,11 @@ def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER,
 
         def read(p):
             # A in the variable's (rank, in_features) layout: a view, copied once by the backend.
-            return (f.get_tensor(f"{p}/lora_A").astype(np.float32, copy=False).T,
-                    f.get_tensor(f"{p}/lora_B").astype(np.float32, copy=False))
+            arrays = (f.get_tensor(f"{p}/lora_A").astype(np.float32, copy=False).T,
+                      f.get_tensor(f"{p}/lora_B").astype(np.float32, copy=False))
+            if config.dora:
+                arrays += (f.get_tensor(f"{p}/lora_magnitude").astype(np.float32, copy=False),)
+            return arrays
 
         if planned is not None:
             # New LoRA layers are created from the file's values (no initial draw to overwrite).
@@ -478,18 +492,17 @@ def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER,
         else:
             wrappers = {w.path: w for w in existing}
             for p in paths:
-                a, b = read(p)
+                arrays = read(p)
                 adapter = wrappers[p].get_adapter(adapter_name)
-                adapter.lora_A.assign(a)
-                adapter.lora_B.assign(b)
-                del a, b
+                for variable, value in zip(adapter.variables(), arrays):
+                    variable.assign(value)
+                del arrays
     state = lora_state(model)
     is_active = state is None or state.active == adapter_name
     for w in lora_layers(model):
         if adapter_name in w.adapter_names:
-            adapter = w.get_adapter(adapter_name)
-            adapter.lora_A.trainable = trainable and is_active
-            adapter.lora_B.trainable = trainable and is_active
+            for variable in w.get_adapter(adapter_name).variables():
+                variable.trainable = trainable and is_active
     if extra_path is not None:
         variables = {v.path: v for v in model.weights}
         with safe_open(extra_path, framework="numpy") as f:

@@ -206,6 +206,13 @@ class LoraConfig:
             in `targets`' syntax (roles, groups, regexes fullmatched on
             `layer.path`), as PEFT's `exclude_modules`. Each entry must
             match an adaptable layer.
+        dora: bool. Weight-decomposed LoRA (DoRA; Liu et al. 2024, "DoRA:
+            Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353), as
+            PEFT's `use_dora=True`: each adapted layer also learns a
+            magnitude vector `m` `(out_features,)`, initialised to the
+            per-output-feature norm of its kernel, and computes
+            `(m / ||W + s*A.T@B||) * (x @ (W + s*A.T@B)) + b`, the norm
+            treated as a constant in the backward pass.
 
     Raises:
         LoraConfigError: naming the field and the bad value (also a
@@ -234,6 +241,7 @@ class LoraConfig:
     rank_pattern: dict = dataclasses.field(default_factory=dict)    # regex -> rank
     alpha_pattern: dict = dataclasses.field(default_factory=dict)   # regex -> alpha
     exclude: Any = ()            # str or list of str, as targets
+    dora: bool = False
 
     def __post_init__(self):
         check_scale(self.rank, self.alpha, self.dropout)
@@ -247,6 +255,8 @@ class LoraConfig:
         except LoraConfigError as exc:
             raise LoraConfigError(f"exclude: {exc}") from None
         self.exclude = tuple(exclude)
+        if not isinstance(self.dora, bool):
+            raise LoraConfigError(f"dora must be true or false, got dora={self.dora!r}")
         if not isinstance(self.rslora, bool):
             raise LoraConfigError(f"rslora must be true or false, got rslora={self.rslora!r}")
         check_init(self.init)
@@ -327,8 +337,8 @@ class LoraConfig:
         """The fields as JSON-ready data (lists, not tuples); `from_dict` reads it back.
 
         `rank_pattern`, `alpha_pattern` and `exclude` are left out while
-        empty, so a config without per-layer settings writes the same keys
-        as before they existed.
+        empty, and `dora` while false, so a config without per-layer
+        settings or DoRA writes the same keys as before they existed.
 
         Example:
         >>> LoraConfig(rank=2, targets="qv", layers=[0, 1]).to_dict()["layers"]
@@ -341,7 +351,7 @@ class LoraConfig:
         d["rank_pattern"] = dict(self.rank_pattern)
         d["alpha_pattern"] = dict(self.alpha_pattern)
         d["exclude"] = list(self.exclude)
-        for key in ("rank_pattern", "alpha_pattern", "exclude"):
+        for key in ("rank_pattern", "alpha_pattern", "exclude", "dora"):
             if not d[key]:
                 del d[key]
         return d

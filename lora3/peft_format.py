@@ -5,7 +5,9 @@ A PEFT LoRA adapter directory holds `adapter_config.json` (a PEFT `LoraConfig`: 
 `adapter_model.safetensors`, keyed `base_model.model.<module>.lora_A.weight` `(r, in)` and
 `base_model.model.<module>.lora_B.weight` `(out, r)`, where `<module>` is the Hugging Face module
 name (`model.layers.0.self_attn.q_proj`). The update is `delta W = s * B @ A` with W as HF's
-`(out, in)` Linear weight, `s = lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`).
+`(out, in)` Linear weight, `s = lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`). A DoRA adapter
+(`use_dora: true`; Liu et al. 2024, arXiv:2402.09353) also holds
+`base_model.model.<module>.lora_magnitude_vector` `(out,)`, lora3's `lora_magnitude`.
 
 lora3 stores `lora_A` `(rank, in_features)` and `lora_B` `(rank, out_features)`, in the matrix view
 of `lora3.layers` (kernel dims contracted with the input, in kernel order, by dims produced, in
@@ -74,7 +76,6 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # PEFT repeats it when it loads such an adapter, so the adapter only works on that changed base.
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _FORWARD_CHANGING = {  # options that change the LoRA forward pass or add tensors lora3 does not have
-    "use_dora": "DoRA",
     "lora_bias": "a bias on lora_B",
     "use_qalora": "QALoRA",
     "use_bdlora": "block-diagonal LoRA",
@@ -240,7 +241,7 @@ def _number(x):
 
 
 def peft_config_dict(*, r, lora_alpha, lora_dropout, use_rslora, target_modules, task_type,
-                     base_model_name_or_path=None) -> dict:
+                     base_model_name_or_path=None, use_dora=False) -> dict:
     """The `adapter_config.json` object PEFT 0.21's `LoraConfig.save_pretrained` writes, for a plain LoRA.
 
     Every field PEFT writes is present, with PEFT's defaults except those given (`peft_version` is
@@ -254,6 +255,7 @@ def peft_config_dict(*, r, lora_alpha, lora_dropout, use_rslora, target_modules,
         target_modules: list of str or str. Module names or a regex, as PEFT reads them.
         task_type: str or None. `"CAUSAL_LM"`, `"SEQ_2_SEQ_LM"`, ...
         base_model_name_or_path: str or None.
+        use_dora: bool. A DoRA adapter.
 
     Returns:
         A dict, ready for `json.dump`.
@@ -304,7 +306,7 @@ def peft_config_dict(*, r, lora_alpha, lora_dropout, use_rslora, target_modules,
         "task_type": task_type,
         "trainable_token_indices": None,
         "use_bdlora": None,
-        "use_dora": False,
+        "use_dora": bool(use_dora),
         "use_qalora": False,
         "use_rslora": bool(use_rslora),
         "velora_config": None,
@@ -382,7 +384,7 @@ def save_peft_adapter(model, directory, *, base_model_name_or_path=None, overwri
         )
     first = adapters[wrappers[0].path]
     for w in wrappers[1:]:
-        for field in ("dropout", "rslora"):
+        for field in ("dropout", "rslora", "dora"):
             if getattr(adapters[w.path], field) != getattr(first, field):
                 raise AdapterError(
                     f"LoRA layer {w.path!r} has {field}={getattr(adapters[w.path], field)!r} but "
@@ -402,6 +404,9 @@ def save_peft_adapter(model, directory, *, base_model_name_or_path=None, overwri
         b = _b_to_hf(np.asarray(ops.convert_to_numpy(adapters[w.path].lora_B), dtype=np.float32), _hf_order(w.wrapped))
         tensors[f"{KEY_PREFIX}{site.hf}.lora_A.weight"] = a
         tensors[f"{KEY_PREFIX}{site.hf}.lora_B.weight"] = b
+        if adapters[w.path].dora:
+            m = np.asarray(ops.convert_to_numpy(adapters[w.path].lora_magnitude), dtype=np.float32)
+            tensors[f"{KEY_PREFIX}{site.hf}.lora_magnitude_vector"] = _b_to_hf(m[None, :], _hf_order(w.wrapped))[:, 0]
     r = _most_common([adapters[w.path].rank for w in wrappers])
     lora_alpha = _most_common([float(adapters[w.path].alpha) for w in wrappers])
     all_names = [site.hf for site in sites.values()]
@@ -414,7 +419,7 @@ def save_peft_adapter(model, directory, *, base_model_name_or_path=None, overwri
     config = peft_config_dict(
         r=r, lora_alpha=lora_alpha, lora_dropout=first.dropout, use_rslora=first.rslora,
         target_modules=target_modules, task_type=TASK_TYPES[family],
-        base_model_name_or_path=base_model_name_or_path,
+        base_model_name_or_path=base_model_name_or_path, use_dora=first.dora,
     )
     config["rank_pattern"], config["alpha_pattern"] = rank_pattern, alpha_pattern
     with staged_dir(directory) as tmp:
@@ -479,7 +484,7 @@ def read_peft_config(directory) -> dict:
             `adapter_model.bin`), the JSON is invalid, `peft_type` is not `"LORA"`, `r`,
             `lora_alpha`, `lora_dropout` or `use_rslora` is missing or of the wrong type, or an
             option lora3 cannot represent is set (`bias` other than `"none"`, `modules_to_save`,
-            `use_dora`, `lora_bias`, `layer_replication`, `init_lora_weights` that rewrites the
+            `lora_bias`, `layer_replication`, `init_lora_weights` that rewrites the
             base weights, ...), or `rank_pattern` / `alpha_pattern` is not a mapping of valid
             regexes to positive ranks / alphas: the message names it.
 
@@ -487,12 +492,12 @@ def read_peft_config(directory) -> dict:
     >>> import json, os, tempfile
     >>> d = tempfile.mkdtemp()
     >>> open(os.path.join(d, "adapter_model.safetensors"), "wb").close()
-    >>> json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True},
+    >>> json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_bias": True},
     ...           open(os.path.join(d, "adapter_config.json"), "w"))
     >>> read_peft_config(d)
     Traceback (most recent call last):
     ...
-    lora3.errors.AdapterError: ...use_dora=True (DoRA): lora3 has plain LoRA only...
+    lora3.errors.AdapterError: ...lora_bias=True (a bias on lora_B): lora3 has plain LoRA only...
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -519,8 +524,9 @@ def read_peft_config(directory) -> dict:
     if peft_type != "LORA":
         raise AdapterError(f"{path}: peft_type={peft_type!r}; lora3 reads LoRA adapters only (peft_type 'LORA')")
     for key, types, name in (("r", int, "a positive integer"), ("lora_alpha", (int, float), "a number"),
-                             ("lora_dropout", (int, float), "a number in [0, 1)"), ("use_rslora", bool, "true or false")):
-        if key not in config and key in ("lora_dropout", "use_rslora"):
+                             ("lora_dropout", (int, float), "a number in [0, 1)"), ("use_rslora", bool, "true or false"),
+                             ("use_dora", bool, "true or false")):
+        if key not in config and key in ("lora_dropout", "use_rslora", "use_dora"):
             continue  # PEFT's defaults: 0.0 and false
         value = config.get(key)
         if (isinstance(value, bool) and types is not bool) or not isinstance(value, types):
@@ -679,7 +685,7 @@ def load_peft_adapter(model, directory, trainable=True, *, adapter_name=None) ->
     try:
         lora_config = LoraConfig(
             rank=rank, alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-            rslora=config.get("use_rslora", False),
+            rslora=config.get("use_rslora", False), dora=config.get("use_dora", False),
             init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
         )
     except LoraConfigError as exc:
@@ -708,7 +714,13 @@ def load_peft_adapter(model, directory, trainable=True, *, adapter_name=None) ->
                 "lora3 adapts Dense/EinsumDense projections only"
             )
         if m and m["kind"] == "lora_magnitude_vector":
-            raise AdapterError(f"{weights_path}: tensor {key!r} is a DoRA magnitude; lora3 has plain LoRA only")
+            if not lora_config.dora:
+                raise AdapterError(f"{weights_path}: tensor {key!r} is a DoRA magnitude, but {cfg_path} "
+                                   "does not set use_dora: true")
+            if m["param"] not in (None, "weight"):
+                raise AdapterError(f"{weights_path}: tensor {key!r} is not a DoRA magnitude vector")
+            modules.setdefault(m["module"], {})["M"] = key
+            continue
         if m and m["param"] == "bias":
             raise AdapterError(f"{weights_path}: tensor {key!r} is a LoRA bias (lora_bias); lora3 has none")
         if not m or m["param"] != "weight":
@@ -738,6 +750,9 @@ def load_peft_adapter(model, directory, trainable=True, *, adapter_name=None) ->
         for kind in "AB":
             if kind not in kinds:
                 raise AdapterError(f"{weights_path}: module {name!r} has no lora_{kind}.weight tensor")
+        if lora_config.dora and "M" not in kinds:
+            raise AdapterError(f"{weights_path}: module {name!r} has no lora_magnitude_vector tensor, which "
+                               "a DoRA adapter (use_dora: true) needs")
     try:
         chosen = {n for n in by_name if _peft_targets(config, n)}
     except re.error as exc:
@@ -780,7 +795,10 @@ def load_peft_adapter(model, directory, trainable=True, *, adapter_name=None) ->
         name = hf_of[path]
         a_key, b_key = modules[name]["A"], modules[name]["B"]
         r = lora_config.rank_for(path)
-        for key, want in ((a_key, (r, entry.in_features)), (b_key, (entry.out_features, r))):
+        wanted = [(a_key, (r, entry.in_features)), (b_key, (entry.out_features, r))]
+        if lora_config.dora:
+            wanted.append((modules[name]["M"], (entry.out_features,)))
+        for key, want in wanted:
             if shapes[key] != want:
                 raise AdapterError(
                     f"{weights_path}: tensor {key!r} has shape {shapes[key]}, this model (layer {path!r}) "
@@ -801,7 +819,11 @@ def load_peft_adapter(model, directory, trainable=True, *, adapter_name=None) ->
             a_key, b_key = modules[name]["A"], modules[name]["B"]
             a = np.ascontiguousarray(_read_float(f, weights_path, a_key, dtypes[a_key]))
             b = _b_from_hf(_read_float(f, weights_path, b_key, dtypes[b_key]), orders[path])
-            return a, b
+            if not lora_config.dora:
+                return a, b
+            m_key = modules[name]["M"]
+            m = _b_from_hf(_read_float(f, weights_path, m_key, dtypes[m_key])[:, None], orders[path])[0]
+            return a, b, m
 
         apply_plan(model, lora_config, planned, initial_weights=read, adapter_name=adapter_name)
     # A model's first adapter is active; one added beside others stays inactive (frozen) until
@@ -810,9 +832,8 @@ def load_peft_adapter(model, directory, trainable=True, *, adapter_name=None) ->
     is_active = state is None or state.active == adapter_name
     for w in lora_layers(model):
         if adapter_name in w.adapter_names:
-            adapter = w.get_adapter(adapter_name)
-            adapter.lora_A.trainable = trainable and is_active
-            adapter.lora_B.trainable = trainable and is_active
+            for variable in w.get_adapter(adapter_name).variables():
+                variable.trainable = trainable and is_active
     reset_compiled_functions(model)
     return make_report(model)
 

@@ -476,7 +476,7 @@ def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None,
             if not _swap(parent, entry.layer, wrapper):
                 raise RuntimeError(f"internal error: could not replace {path!r} in {parent.name!r}")
         roles[wrapper.path] = entry.role
-        lora_ids |= {id(wrapper.lora_A), id(wrapper.lora_B)}
+        lora_ids |= {id(v) for v in wrapper.get_adapter(adapter_name).variables()}
 
     if not model.trainable:
         model.trainable = True
@@ -492,7 +492,7 @@ def _add_adapter(model, state, config, planned, initial_weights, adapter_name):
     """`apply_plan` on a model that already has LoRA: one more adapter, frozen and inactive."""
     if adapter_name in state.adapters:
         raise LoraConfigError(f"this model already has an adapter named {adapter_name!r}")
-    settings = dict(dropout=config.dropout, rslora=config.rslora, init=config.init)
+    settings = dict(dropout=config.dropout, rslora=config.rslora, init=config.init, dora=config.dora)
     roles = {}
     for path, entry in planned.items():
         initial = initial_weights(path) if initial_weights else None
@@ -723,10 +723,11 @@ def _swap(parent, old, new):
 def _make_wrapper(layer, config: LoraConfig, initial=None, adapter_name=DEFAULT_ADAPTER):
     cls = wrapper_class(layer)
     settings = dict(alpha=config.alpha_for(layer.path), dropout=config.dropout, rslora=config.rslora,
-                    init=config.init, adapter_name=adapter_name)
+                    init=config.init, adapter_name=adapter_name, dora=config.dora)
     if initial is None:
         return cls(layer, rank=config.rank_for(layer.path), **settings)
-    return cls.from_weights(layer, *initial, **settings)
+    lora_a, lora_b, *magnitude = initial
+    return cls.from_weights(layer, lora_a, lora_b, magnitude=magnitude[0] if magnitude else None, **settings)
 
 
 def _train_also_patterns(train_also):

@@ -69,3 +69,18 @@ class LoRADense(LoRALayer):
 
     def _delta_to_kernel_layout(self, delta):
         return delta
+
+    def kernel_matrix(self):
+        """The kernel itself, `(in_features, out_features)`.
+
+        Example:
+        >>> import keras
+        >>> dense = keras.layers.Dense(3)
+        >>> dense.build((None, 4))
+        >>> tuple(LoRADense(dense, rank=1, alpha=1).kernel_matrix().shape)
+        (4, 3)
+        """
+        return self.wrapped.kernel
+
+    def _scale_to_output(self, scale):
+        return scale

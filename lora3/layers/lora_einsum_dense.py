@@ -165,6 +165,37 @@ class LoRAEinsumDense(LoRALayer):
         hidden = ops.multiply(ops.einsum(info["eq_a"], x, a), ops.cast(adapter.scaling, x.dtype))
         return ops.einsum(info["eq_b"], hidden, b)
 
+    def kernel_matrix(self):
+        """The kernel as its `(in_features, out_features)` matrix view (contracted dims first, in kernel order).
+
+        Example:
+        >>> import keras
+        >>> q = keras.layers.EinsumDense("btd,ndh->btnh", output_shape=(None, 4, 8))
+        >>> q.build((None, None, 16))
+        >>> tuple(LoRAEinsumDense(q, rank=1, alpha=1).kernel_matrix().shape)
+        (16, 32)
+        """
+        info = self._info()
+        inverse = tuple(sorted(range(len(info["to_kernel"])), key=info["to_kernel"].__getitem__))
+        matrix = ops.transpose(self.wrapped.kernel, inverse)
+        return ops.reshape(matrix, (self.in_features, self.out_features))
+
+    def _scale_to_output(self, scale):
+        info = self._info()
+        out = self.wrapped.equation.replace(" ", "").split("->")[1]
+        head, _, tail = out.rpartition("...")
+        if any(d in info["produced"] for d in head):
+            raise LoraConfigError(
+                f"DoRA on {self.path or self.name!r}: equation {self.wrapped.equation!r} produces kernel dims "
+                "before its '...', which lora3's DoRA does not lay out"
+            )
+        sizes = dict(zip(info["produced"], info["b_shape"]))
+        return ops.reshape(scale, tuple(sizes.get(d, 1) for d in tail))
+
+    def _info(self):
+        info = getattr(self, "_einsum", None)
+        return info if info is not None else analyze_equation(self.wrapped.equation, self.wrapped.kernel.shape)
+
     def _delta_to_kernel_layout(self, delta):
         delta = ops.reshape(delta, self._einsum["a_shape"] + self._einsum["b_shape"])
         return ops.transpose(delta, self._einsum["to_kernel"])

@@ -62,24 +62,41 @@ class AdapterWeights:
         dropout: float. Its dropout rate on the LoRA branch's input.
         rslora: bool. Rank-stabilised scaling.
         init: str. The initialiser of its `A`.
+        dora: bool. DoRA (Liu et al. 2024, arXiv:2402.09353): the adapter
+            also has a magnitude vector `lora_magnitude` `(out_features,)`.
 
     Example:
     >>> adapter = AdapterWeights("x", rank=4, alpha=8.0, dropout=0.0, rslora=False, init="kaiming")
-    >>> adapter.scaling, adapter.lora_A is None
-    (2.0, True)
+    >>> adapter.scaling, adapter.lora_A is None, adapter.dora
+    (2.0, True, False)
     """
 
-    __slots__ = ("name", "rank", "alpha", "dropout", "rslora", "init", "lora_A", "lora_B")
+    __slots__ = ("name", "rank", "alpha", "dropout", "rslora", "init", "dora", "lora_A", "lora_B",
+                 "lora_magnitude")
 
-    def __init__(self, name, rank, alpha, dropout, rslora, init):
+    def __init__(self, name, rank, alpha, dropout, rslora, init, dora=False):
         self.name = name
         self.rank = rank
         self.alpha = float(alpha)
         self.dropout = float(dropout)
         self.rslora = bool(rslora)
         self.init = init
+        self.dora = bool(dora)
         self.lora_A = None
         self.lora_B = None
+        self.lora_magnitude = None
+
+    def variables(self):
+        """The adapter's created variables: `lora_A`, `lora_B` and, with DoRA, `lora_magnitude`.
+
+        Returns:
+            A tuple of variables (empty before the wrapper is built).
+
+        Example:
+        >>> AdapterWeights("x", 2, 4, 0.0, False, "kaiming").variables()
+        ()
+        """
+        return tuple(v for v in (self.lora_A, self.lora_B, self.lora_magnitude) if v is not None)
 
     @property
     def scaling(self):
@@ -90,18 +107,23 @@ class AdapterWeights:
         """The constructor's arguments as a dict (for `get_config`).
 
         Returns:
-            `{"name", "rank", "alpha", "dropout", "rslora", "init"}`.
+            `{"name", "rank", "alpha", "dropout", "rslora", "init"}`, and
+            `"dora": True` for a DoRA adapter (left out otherwise, so a
+            plain adapter's config is what it was before DoRA existed).
 
         Example:
         >>> AdapterWeights("x", 2, 4, 0.0, False, "kaiming").settings()["alpha"]
         4.0
         """
-        return {"name": self.name, "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "rslora": self.rslora, "init": self.init}
+        settings = {"name": self.name, "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
+                    "rslora": self.rslora, "init": self.init}
+        if self.dora:
+            settings["dora"] = True
+        return settings
 
     def __repr__(self):
         return (f"AdapterWeights(name={self.name!r}, rank={self.rank}, alpha={self.alpha:g}, "
-                f"dropout={self.dropout:g}, rslora={self.rslora})")
+                f"dropout={self.dropout:g}, rslora={self.rslora}{', dora=True' if self.dora else ''})")
 
 
 class LoRALayer(keras.layers.Layer):
@@ -130,6 +152,16 @@ class LoRALayer(keras.layers.Layer):
             `U(-1/sqrt(in), 1/sqrt(in))`) or `"gaussian"` (std `1/rank`).
             `lora_B` starts at zero, so a fresh wrapper changes nothing.
         adapter_name: str. The name of this first adapter (it is active).
+        dora: bool. DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank
+            Adaptation", arXiv:2402.09353), as PEFT's `use_dora=True`: the
+            adapter also learns `lora_magnitude` `m` `(out_features,)`,
+            initialised to the column norms of `W + s * A.T @ B` in the
+            `(in_features, out_features)` view (`||W||`, as B starts at
+            zero), and the layer computes
+            `base(x) + (m/n - 1) * (x' @ W) + (m/n) * s * (x' @ A.T) @ B`
+            with `n = ||W + s * A.T @ B||` held constant in the backward
+            pass (`stop_gradient`) and `x'` the dropped-out input (`x`
+            itself when no dropout runs), i.e. `(m/n) * x @ (W + s*A.T@B) + b`.
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Raises:
@@ -152,7 +184,7 @@ class LoRALayer(keras.layers.Layer):
     wrapped_class = None  # the keras layer class a subclass wraps
 
     def __init__(self, layer, rank, alpha, dropout=0.0, rslora=False, init="kaiming",
-                 adapter_name=DEFAULT_ADAPTER, **kwargs):
+                 adapter_name=DEFAULT_ADAPTER, dora=False, **kwargs):
         self._check_kind(layer)
         check_scale(rank, alpha, dropout)
         check_init(init)
@@ -176,7 +208,10 @@ class LoRALayer(keras.layers.Layer):
         # `from_config` restores it.
         self.merged = False
         self.lora_dropout = None  # the default adapter's Dropout layer (its attribute name is kept)
-        self._add_settings(AdapterWeights(adapter_name, rank, alpha, dropout, rslora, init))
+        _check_dora(dora)
+        # The column norms `n` each DoRA adapter was merged with (name -> tensor), for `unmerge`.
+        object.__setattr__(self, "_dora_merge_norm", {})
+        self._add_settings(AdapterWeights(adapter_name, rank, alpha, dropout, rslora, init, dora))
         # The wrapped layer is frozen: only A and B train.
         layer.trainable = False
         if layer.built:
@@ -188,7 +223,7 @@ class LoRALayer(keras.layers.Layer):
 
     @classmethod
     def from_weights(cls, layer, lora_A, lora_B, alpha, dropout=0.0, rslora=False, init="kaiming",
-                     adapter_name=DEFAULT_ADAPTER, **kwargs):
+                     adapter_name=DEFAULT_ADAPTER, magnitude=None, dora=False, **kwargs):
         """A wrapper whose `lora_A` and `lora_B` are created from arrays instead of drawn.
 
         The variables are created once, from these values (adapter loading:
@@ -202,6 +237,10 @@ class LoRALayer(keras.layers.Layer):
             lora_B: array `(rank, out_features)`.
             alpha, dropout, rslora, init, adapter_name, **kwargs: as for the
                 constructor (`init` is only recorded: A is not drawn).
+            magnitude: array `(out_features,)` or None. A DoRA adapter's
+                `lora_magnitude` (None: PEFT's initial value,
+                `||W + s * A.T @ B||`). Needs `dora=True`.
+            dora: bool. A DoRA adapter (see the class).
 
         Returns:
             The built wrapper.
@@ -224,9 +263,11 @@ class LoRALayer(keras.layers.Layer):
             raise LoraConfigError(
                 f"{cls.__name__}.from_weights needs a built layer; {layer.name!r} is not built"
             )
-        token = _INITIAL_WEIGHTS.set((lora_A, lora_B))
+        if magnitude is not None and not dora:
+            raise LoraConfigError(f"{cls.__name__}.from_weights: a magnitude vector needs dora=True")
+        token = _INITIAL_WEIGHTS.set((lora_A, lora_B, magnitude))
         try:
-            return cls(layer, int(lora_A.shape[0]), alpha, dropout, rslora, init, adapter_name, **kwargs)
+            return cls(layer, int(lora_A.shape[0]), alpha, dropout, rslora, init, adapter_name, dora=dora, **kwargs)
         finally:
             _INITIAL_WEIGHTS.reset(token)
 
@@ -337,7 +378,7 @@ class LoRALayer(keras.layers.Layer):
             )
         return adapter
 
-    def add_adapter(self, name, rank, alpha, dropout=0.0, rslora=False, init="kaiming", weights=None):
+    def add_adapter(self, name, rank, alpha, dropout=0.0, rslora=False, init="kaiming", weights=None, dora=False):
         """Adds a named adapter beside the existing ones (not made active).
 
         Its variables are `<layer.path>/lora_A_<name>` and `.../lora_B_<name>`
@@ -349,7 +390,9 @@ class LoRALayer(keras.layers.Layer):
             name: str. A new adapter name (letters, digits, `_`, `-`).
             rank, alpha, dropout, rslora, init: as for the constructor.
             weights: `(A, B)` arrays `(rank, in_features)`, `(rank, out_features)`
-                to create the variables from, or None to draw A (B is zero).
+                to create the variables from, or None to draw A (B is zero);
+                for a DoRA adapter `(A, B, m)` with `m` `(out_features,)` or None.
+            dora: bool. A DoRA adapter (see the class).
 
         Returns:
             The new `AdapterWeights`.
@@ -373,7 +416,8 @@ class LoRALayer(keras.layers.Layer):
             raise LoraConfigError(f"LoRA layer {self.path or self.name!r} already has an adapter {name!r}")
         check_scale(rank, alpha, dropout)
         check_init(init)
-        adapter = AdapterWeights(name, rank, alpha, dropout, rslora, init)
+        _check_dora(dora)
+        adapter = AdapterWeights(name, rank, alpha, dropout, rslora, init, dora)
         if self.built:
             _check_rank(rank, self.wrapped, self.in_features, self.out_features)
             with _unlocked(self):
@@ -413,9 +457,8 @@ class LoRALayer(keras.layers.Layer):
             raise LoraConfigError(
                 f"adapter {name!r} of {self.path or self.name!r} is merged into the kernel; unmerge it first"
             )
-        for variable in (adapter.lora_A, adapter.lora_B):
-            if variable is not None:
-                self._untrack_variable(variable)
+        for variable in adapter.variables():
+            self._untrack_variable(variable)
         attr = _dropout_attr(name)
         dropout_layer = getattr(self, attr, None)
         if dropout_layer is not None:
@@ -460,9 +503,8 @@ class LoRALayer(keras.layers.Layer):
             self.unmerge()
         self.active_adapter = name
         for adapter in self._adapters.values():
-            for variable in (adapter.lora_A, adapter.lora_B):
-                if variable is not None:
-                    variable.trainable = bool(trainable) and adapter.name == name
+            for variable in adapter.variables():
+                variable.trainable = bool(trainable) and adapter.name == name
 
     def _add_settings(self, adapter):
         self._adapters[adapter.name] = adapter
@@ -474,6 +516,9 @@ class LoRALayer(keras.layers.Layer):
 
     def _create_variables(self, adapter, weights=None):
         a_shape, b_shape = (adapter.rank, self.in_features), (adapter.rank, self.out_features)
+        magnitude = weights[2] if weights is not None and len(weights) > 2 else None
+        if magnitude is not None and not adapter.dora:
+            raise LoraConfigError(f"{self.name}: a magnitude vector for adapter {adapter.name!r}, which is no DoRA adapter")
         if weights is not None:
             a_init, b_init = _constant(weights[0], a_shape), _constant(weights[1], b_shape)
         elif adapter.init == "kaiming":
@@ -488,9 +533,22 @@ class LoRALayer(keras.layers.Layer):
         # non-trainable is never watched by the gradient tape, so it could not train later.
         adapter.lora_A = self.add_weight(name="lora_A" + suffix, shape=a_shape, initializer=a_init, trainable=True)
         adapter.lora_B = self.add_weight(name="lora_B" + suffix, shape=b_shape, initializer=b_init, trainable=True)
+        if adapter.dora:
+            if magnitude is not None:
+                m_init = _constant(magnitude, (self.out_features,))
+            else:
+                # PEFT's initial magnitude: the column norms of W + s * A.T @ B (||W|| while B is 0).
+                norm = ops.convert_to_numpy(self._dora_weight_norm(adapter))
+
+                def m_init(shape, dtype=None):
+                    return ops.cast(norm, dtype or "float32")
+
+            adapter.lora_magnitude = self.add_weight(
+                name="lora_magnitude" + suffix, shape=(self.out_features,), initializer=m_init, trainable=True
+            )
         active = adapter.name == self.active_adapter
-        adapter.lora_A.trainable = adapter.lora_A.trainable and active
-        adapter.lora_B.trainable = adapter.lora_B.trainable and active
+        for variable in adapter.variables():
+            variable.trainable = variable.trainable and active
 
     # -- the active adapter's settings (what single-adapter code reads) ------------
     @property
@@ -534,9 +592,19 @@ class LoRALayer(keras.layers.Layer):
         return self._active().scaling
 
     @property
+    def dora(self):
+        """Whether the active adapter is a DoRA adapter."""
+        return self._active().dora
+
+    @property
+    def lora_magnitude(self):
+        """The active adapter's DoRA magnitude variable `(out_features,)`, or None without DoRA."""
+        return self._active().lora_magnitude
+
+    @property
     def lora_params(self):
-        """Number of the active adapter's parameters: `rank * (in_features + out_features)`."""
-        return self.rank * (self.in_features + self.out_features)
+        """Number of the active adapter's parameters: `rank * (in_features + out_features)`, plus `out_features` with DoRA."""
+        return self.rank * (self.in_features + self.out_features) + (self.out_features if self.dora else 0)
 
     def _active(self):
         adapter = self._adapters.get(self.active_adapter)
@@ -577,9 +645,12 @@ class LoRALayer(keras.layers.Layer):
         return outputs
 
     def call(self, inputs, training=None):
-        outputs = self._base_linear(inputs)
         adapter = self._adapters.get(self.active_adapter)
-        if adapter is not None and not self.merged and not self.disabled:
+        if adapter is not None and adapter.dora and not self.merged and not self.disabled:
+            outputs = self._dora_call(inputs, adapter, training)
+        else:
+            outputs = self._base_linear(inputs)
+        if adapter is not None and not adapter.dora and not self.merged and not self.disabled:
             dropout_layer = getattr(self, _dropout_attr(adapter.name), None)
             x = inputs if dropout_layer is None else dropout_layer(inputs, training=training)
             outputs = ops.add(outputs, self._lora_delta(x, adapter))
@@ -603,6 +674,7 @@ class LoRALayer(keras.layers.Layer):
                 "rslora": first["rslora"],
                 "init": first["init"],
                 "adapter_name": first["name"],
+                **({"dora": True} if first.get("dora") else {}),
                 "extra_adapters": [a.settings() for a in adapters[1:]],
                 "active_adapter": self.active_adapter,
                 "merged": self.merged,
@@ -641,9 +713,51 @@ class LoRALayer(keras.layers.Layer):
 
         Example: see `unmerge`.
         """
-        adapter = self.get_adapter(adapter_name)
-        delta = ops.multiply(ops.matmul(ops.transpose(adapter.lora_A), adapter.lora_B), adapter.scaling)
-        return self._delta_to_kernel_layout(delta)
+        return self._delta_to_kernel_layout(self._matrix_delta(self.get_adapter(adapter_name)))
+
+    def _matrix_delta(self, adapter):
+        """`s * A.T @ B`, `(in_features, out_features)`."""
+        return ops.multiply(ops.matmul(ops.transpose(adapter.lora_A), adapter.lora_B), adapter.scaling)
+
+    # -- DoRA -------------------------------------------------------------------
+    def kernel_matrix(self):
+        """The wrapped kernel read as the `(in_features, out_features)` matrix (the inverse of its layout).
+
+        Example:
+        >>> import keras
+        >>> from lora3.layers import LoRADense
+        >>> dense = keras.layers.Dense(3)
+        >>> dense.build((None, 4))
+        >>> tuple(LoRADense(dense, rank=1, alpha=1).kernel_matrix().shape)
+        (4, 3)
+        """
+        raise NotImplementedError
+
+    def _scale_to_output(self, scale):
+        """An `(out_features,)` vector laid out to broadcast against the wrapped layer's output."""
+        raise NotImplementedError
+
+    def _dora_weight_norm(self, adapter):
+        """`||W + s * A.T @ B||` over the input dim, `(out_features,)`: PEFT's `get_weight_norm`."""
+        weight = ops.add(ops.cast(self.kernel_matrix(), "float32"), ops.cast(self._matrix_delta(adapter), "float32"))
+        return ops.sqrt(ops.sum(ops.square(weight), axis=0))
+
+    def _dora_call(self, inputs, adapter, training):
+        """The DoRA layer's output before the activation, as PEFT's `DoraLinearLayer.forward`."""
+        dropout_layer = getattr(self, _dropout_attr(adapter.name), None)
+        base = self._apply_kernel(inputs)
+        outputs = base if self.wrapped.bias is None else ops.add(base, self.wrapped.bias)
+        if dropout_layer is not None and training:
+            # PEFT: with dropout running, the magnitude's correction sees the dropped input too.
+            x = dropout_layer(inputs, training=training)
+            base = self._apply_kernel(x)
+        else:
+            x = inputs
+        norm = ops.stop_gradient(self._dora_weight_norm(adapter))
+        scale = ops.cast(ops.divide(adapter.lora_magnitude, norm), outputs.dtype)
+        scale = self._scale_to_output(scale)
+        correction = ops.multiply(ops.subtract(scale, ops.cast(1, scale.dtype)), base)
+        return ops.add(ops.add(outputs, correction), ops.multiply(scale, self._lora_delta(x, adapter)))
 
     def merge(self):
         """Adds the active adapter's update into the wrapped kernel; `call` then skips the LoRA branch.
@@ -654,7 +768,16 @@ class LoRALayer(keras.layers.Layer):
         if self.merged or self.active_adapter not in self._adapters:
             return
         kernel = self.wrapped._kernel  # the variable (`kernel` is a read-only property)
-        kernel.assign(ops.add(kernel, ops.cast(self.delta_weight(), kernel.dtype)))
+        adapter = self._active()
+        if adapter.dora:
+            # PEFT's merged DoRA weight: (m / ||W + s*dW||) * (W + s*dW), per output feature.
+            norm = ops.stop_gradient(self._dora_weight_norm(adapter))
+            factor = ops.divide(ops.cast(adapter.lora_magnitude, "float32"), norm)
+            weight = ops.add(ops.cast(self.kernel_matrix(), "float32"), ops.cast(self._matrix_delta(adapter), "float32"))
+            kernel.assign(ops.cast(self._delta_to_kernel_layout(ops.multiply(weight, factor)), kernel.dtype))
+            self._dora_merge_norm[adapter.name] = norm
+        else:
+            kernel.assign(ops.add(kernel, ops.cast(self.delta_weight(), kernel.dtype)))
         self.merged = True
 
     def unmerge(self):
@@ -679,7 +802,21 @@ class LoRALayer(keras.layers.Layer):
         if not self.merged:
             return
         kernel = self.wrapped._kernel
-        kernel.assign(ops.subtract(kernel, ops.cast(self.delta_weight(), kernel.dtype)))
+        adapter = self._active()
+        if adapter.dora:
+            norm = self._dora_merge_norm.get(adapter.name)
+            if norm is None:
+                raise LoraConfigError(
+                    f"DoRA adapter {adapter.name!r} of {self.path or self.name!r} was merged before this layer "
+                    "was loaded: the weight norm it was merged with is unknown, so it cannot be unmerged"
+                )
+            factor = ops.divide(ops.cast(adapter.lora_magnitude, "float32"), norm)
+            weight = ops.subtract(ops.divide(ops.cast(self.kernel_matrix(), "float32"), factor),
+                                  ops.cast(self._matrix_delta(adapter), "float32"))
+            kernel.assign(ops.cast(self._delta_to_kernel_layout(weight), kernel.dtype))
+            del self._dora_merge_norm[adapter.name]
+        else:
+            kernel.assign(ops.subtract(kernel, ops.cast(self.delta_weight(), kernel.dtype)))
         self.merged = False
 
     # -- helpers for subclasses ------------------------------------------------
@@ -717,6 +854,11 @@ class _unlocked:
     def __exit__(self, *exc):
         if self.was_locked:
             self.layer._tracker.lock()
+
+
+def _check_dora(dora):
+    if not isinstance(dora, bool):
+        raise LoraConfigError(f"dora must be true or false, got dora={dora!r}")
 
 
 def _check_rank(rank, layer, in_features, out_features):

@@ -90,6 +90,7 @@ def test_fields_types_and_defaults_are_the_apps_schema():
         "rank_pattern": ("dict", {}),
         "alpha_pattern": ("dict", {}),
         "exclude": ("Any", ()),
+        "dora": ("bool", False),
     }
     cfg = LoraConfig()
     cfg.rank = 4  # a plain dataclass, not frozen
@@ -117,12 +118,13 @@ def test_normalisation():
         {"targets": "all_linear", "layers": 2},
         {"targets": "all_linear", "rank_pattern": {"query": 4, r"decoder_block_1/.*": 2},
          "alpha_pattern": {"ffw_.*": 3}, "exclude": ["o", r".*_7/.*"]},
+        {"targets": "all_linear", "dora": True},
     ],
 )
 def test_to_dict_from_dict_round_trip_through_json(kwargs):
     cfg = LoraConfig(**kwargs)
     d = cfg.to_dict()
-    optional = {"rank_pattern", "alpha_pattern", "exclude"}  # written only when set
+    optional = {"rank_pattern", "alpha_pattern", "exclude", "dora"}  # written only when set
     assert set(d) == {f.name for f in dataclasses.fields(LoraConfig)} - (optional - set(kwargs))
     assert not any(isinstance(v, tuple) for v in d.values())  # JSON-ready: lists, not tuples
     again = LoraConfig.from_dict(json.loads(json.dumps(d)))

@@ -423,7 +423,8 @@ REFUSED_CONFIGS = [
     ({"bias": "all"}, "bias='all'"),
     ({"bias": "lora_only"}, "bias='lora_only'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"use_dora": True}, "use_dora=True"),
+    ({"use_dora": True}, "has no lora_magnitude_vector tensor"),  # DoRA without its magnitudes
+    ({"use_dora": "yes"}, "use_dora='yes'"),
     ({"lora_bias": True}, "lora_bias=True"),
     ({"layer_replication": [[0, 1]]}, "layer_replication"),
     ({"rank_pattern": {"q_proj": 4}}, "q_proj.lora_A.weight' has shape \\(2, 16\\).*needs \\(4, 16\\) for r=4"),

@@ -55,6 +55,19 @@ def test_per_layer_lora_settings_are_keys_of_the_lora_node(compose):
         validate(compose(["lora.exclude=5"]))
 
 
+def test_dora_is_a_key_of_the_lora_node():
+    from pathlib import Path
+
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).parents[2] / "conf" / "lora" / "default.yaml").read_text())
+    assert shipped["lora"]["dora"] is False
+    assert lora_config(validate({"lora": {"dora": True}})).dora is True
+    assert lora_config(validate({"lora": {}})).dora is False
+    with pytest.raises(AppConfigError, match=r"lora.dora"):
+        validate({"lora": {"dora": 3}})
+
+
 def test_strict_types_no_silent_conversion():
     with pytest.raises(AppConfigError, match=r"trainer.jit_compile=1 is not valid: it must be true or false"):
         validate({"trainer": {"jit_compile": 1}})

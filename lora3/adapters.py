@@ -40,7 +40,7 @@ from safetensors.numpy import save_file
 import lora3
 from lora3.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from lora3.errors import AdapterError, LoraConfigError
-from lora3.fileio import sha256_file, staged_dir
+from lora3.fileio import read_json_object, sha256_file, staged_dir
 from lora3.peft_format import is_peft_adapter, load_peft_adapter, save_peft_adapter
 from lora3.report import LoraReport
 from lora3.surgery import (
@@ -265,13 +265,7 @@ def read_adapter_config(directory) -> dict:
         raise AdapterError(f"adapter directory {os.fspath(directory)!r} does not exist")
     if not os.path.isfile(path):
         raise AdapterError(f"{path} is missing: not a lora3 adapter directory")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(path)
     for key, types in {**_REQUIRED, **_OPTIONAL}.items():
         if key not in meta:
             if key in _OPTIONAL:

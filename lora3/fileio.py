@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+
+from lora3.errors import AdapterError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -88,3 +91,30 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold an object (an adapter's config): its contents as a dict.
+
+    Args:
+        path: str or path of the file (it must exist).
+
+    Raises:
+        AdapterError: the file is not valid JSON or holds something else than an object,
+            naming the file.
+
+    Example:
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "adapter_config.json")
+    >>> atomic_write_text(path, '{"r": 8}')
+    >>> read_json_object(path)
+    {'r': 8}
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value

@@ -45,7 +45,7 @@ from safetensors.numpy import save_file
 from lora3 import targets as targets_lib
 from lora3.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
 from lora3.errors import AdapterError, LoraConfigError
-from lora3.fileio import staged_dir
+from lora3.fileio import read_json_object, staged_dir
 from lora3.layers import LoRAEinsumDense, analyze_equation
 from lora3.report import LoraReport
 from lora3.surgery import (
@@ -513,13 +513,7 @@ def read_peft_config(directory) -> dict:
                 ".save_pretrained(dir, safe_serialization=True))"
             )
         raise AdapterError(f"{os.path.join(directory, PEFT_WEIGHTS_NAME)} is missing")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    config = read_json_object(path)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise AdapterError(f"{path}: peft_type={peft_type!r}; lora3 reads LoRA adapters only (peft_type 'LORA')")

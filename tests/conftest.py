@@ -72,5 +72,5 @@ def pytest_collection_modifyitems(config, items):
         return ("jax", "tensorflow")[zlib.crc32(key.encode()) % 2]
 
     for item in items:
-        if item.get_closest_marker("one_backend") and pass_of(item) != BACKEND:
-            item.add_marker(pytest.mark.skip(reason=f"backend-independent: runs in the KERAS_BACKEND={pass_of(item)} pass"))
+        if item.get_closest_marker("one_backend") and (where := pass_of(item)) != BACKEND:
+            item.add_marker(pytest.mark.skip(reason=f"backend-independent: runs in the KERAS_BACKEND={where} pass"))

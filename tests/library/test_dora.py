@@ -19,7 +19,7 @@ from lora3.errors import AdapterError, LoraConfigError
 from lora3.layers import LoRADense, LoRAEinsumDense
 from lora3.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, _b_to_hf, _hf_order, load_peft_adapter, save_peft_adapter
 from lora3.surgery import lora_layers
-from tests.library.test_peft_format import _hf, hf_config, hf_logits, keras_logits, rel, t5_pair
+from tests.library.test_peft_format import _hf, hf_config, hf_logits, hf_model, keras_logits, keras_model, rel
 from tests.tiny import backend, t5_backbone, t5_inputs
 
 np_ = keras.ops.convert_to_numpy
@@ -239,18 +239,6 @@ def hf_dirs(tmp_path_factory):
         cls(hf_config(family)).eval().save_pretrained(out, safe_serialization=True)
         dirs[family] = out
     return dirs
-
-
-def hf_model(hf_dirs, family):
-    _, _, transformers = _hf()
-    cls = transformers.T5ForConditionalGeneration if family == "t5" else transformers.AutoModelForCausalLM
-    return cls.from_pretrained(hf_dirs[family]).eval()
-
-
-def keras_model(hf_dirs, family):
-    import keras_hub
-
-    return t5_pair(hf_dirs, family) if family == "t5" else keras_hub.models.GemmaBackbone.from_preset(str(hf_dirs[family]))
 
 
 @pytest.mark.parametrize("family", ["t5", "gemma"])

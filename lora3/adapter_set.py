@@ -150,7 +150,9 @@ def disable_adapters(model):
         A context manager; `with disable_adapters(model) as m:` gives `model`.
 
     Raises:
-        LoraConfigError: the model has no lora3 adapters.
+        LoraConfigError: the model has no lora3 adapters, or a PiSSA/OLoRA
+            adapter keeps residuals in its base kernels (the base is not
+            there to compute).
 
     Example:
     >>> import numpy as np, lora3
@@ -171,6 +173,13 @@ def disable_adapters(model):
         yield model
         return
     wrappers = lora_layers(owner)
+    rewritten = [(w.path, a) for w in wrappers for a in map(w.get_adapter, w.adapter_names) if a.rewrites_base]
+    if rewritten:
+        path, adapter = rewritten[0]
+        raise LoraConfigError(
+            f"adapter {adapter.name!r} (init={adapter.init!r}) keeps residuals in the base kernels (e.g. {path!r}), "
+            "so without it the model would compute the residual, not the base; compare with a fresh base model "
+            "(or lora3.unload, which gives the kernels their base back)")
     flags = [(v, v.trainable) for w in wrappers for v in _adapter_variables(w)]
     optimizer = getattr(model, "optimizer", None)
     optimizer_built = bool(getattr(optimizer, "built", False))

@@ -10,7 +10,10 @@ An adapter directory holds two files, both plain data:
 - `adapter.safetensors`: only LoRA tensors, float32, keyed
   `<layer.path>/lora_A` `(in_features, rank)` and `<layer.path>/lora_B`
   `(rank, out_features)` (and, for a DoRA adapter, whose config has
-  `"dora": true`, `<layer.path>/lora_magnitude` `(out_features,)`), with each layer's own rank (`LoraConfig.rank_for`): the matrix view, `delta W = s * A @ B` with W as
+  `"dora": true`, `<layer.path>/lora_magnitude` `(out_features,)`; for a PiSSA/OLoRA adapter,
+  whose config has `"base_residual": true`, the factors it started from,
+  `<layer.path>/lora_A_init` and `<layer.path>/lora_B_init`, the update that
+  was taken out of each base kernel), with each layer's own rank (`LoraConfig.rank_for`): the matrix view, `delta W = s * A @ B` with W as
   `(in_features, out_features)`. (The `lora_A` variable itself is stored
   `(rank, in_features)` for speed, see `lora3.layers.lora_layer`; it is transposed
   on the way in and out, so the file format is unchanged.) Weights named in `train_also` (if any) go to
@@ -38,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 import lora3
-from lora3.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name
+from lora3.config import DEFAULT_ADAPTER, LoraConfig, base_rewriting, check_adapter_name
 from lora3.errors import AdapterError, LoraConfigError
 from lora3.fileio import read_json_object, sha256_file, staged_dir
 from lora3.peft_format import is_peft_adapter, load_peft_adapter, save_peft_adapter
@@ -86,6 +89,7 @@ _OPTIONAL = {
     "alpha_pattern": dict,
     "exclude": list,
     "dora": bool,
+    "base_residual": bool,
 }
 
 
@@ -181,8 +185,21 @@ def save_adapter(model, directory, overwrite=True, adapter_name=None, format="lo
     config = state.adapters[name].config if state else LoraConfig(rank=first.rank, alpha=first.alpha)
     config = _config_matching(config, {w.path: w.get_adapter(name) for w in wrappers})
     tensors = {}
+    residual = base_rewriting(config.init)
+    if residual:
+        unknown = [w.path for w in wrappers if w.get_adapter(name).initial_factors is None]
+        if unknown:
+            raise AdapterError(
+                f"adapter {name!r} (init={config.init!r}) left residuals in the base kernels, but the factors it "
+                f"started from are unknown on {unknown[0]!r} (a model loaded from a .keras file keeps the "
+                "residual, not those): its file could not rebuild the residual on the original base. Merge it "
+                "instead (lora3.merge_and_unload) and save the model")
     for w in wrappers:
         adapter = w.get_adapter(name)
+        if residual:
+            a0, b0 = adapter.initial_factors
+            tensors[f"{w.path}/lora_A_init"] = np.ascontiguousarray(np.asarray(a0).T, dtype=np.float32)
+            tensors[f"{w.path}/lora_B_init"] = np.ascontiguousarray(b0, dtype=np.float32)
         tensors[f"{w.path}/lora_A"] = np.ascontiguousarray(ops.convert_to_numpy(adapter.lora_A).T, dtype=np.float32)
         tensors[f"{w.path}/lora_B"] = np.ascontiguousarray(ops.convert_to_numpy(adapter.lora_B), dtype=np.float32)
         if adapter.dora:
@@ -210,6 +227,7 @@ def save_adapter(model, directory, overwrite=True, adapter_name=None, format="lo
             "format_version": FORMAT_VERSION,
             "sha256": sha256_file(os.path.join(tmp, WEIGHTS_NAME)),
             "extra_weights": sorted(extra),
+            **({"base_residual": True} if residual else {}),
         }
         if extra:
             meta["extra_sha256"] = sha256_file(os.path.join(tmp, EXTRA_NAME))
@@ -422,6 +440,11 @@ def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER,
     state = lora_state(model)
     existing = [w for w in lora_layers(model) if adapter_name in w.adapter_names]
     adding = bool(lora_layers(model)) and not existing
+    residual = base_rewriting(config.init)
+    if existing and residual:
+        raise AdapterError(
+            f"adapter in {os.fspath(directory)} has init={config.init!r}: it rewrites base kernels, and the "
+            f"model's adapter {adapter_name!r} is already in place over them; load it onto a fresh base model")
     if existing:
         have = {w.path: w for w in existing}
         if set(have) != set(paths):
@@ -451,6 +474,9 @@ def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER,
         expected[f"{p}/lora_B"] = (config.rank_for(p), fan_out)
         if config.dora:
             expected[f"{p}/lora_magnitude"] = (fan_out,)
+        if residual and meta.get("base_residual"):
+            expected[f"{p}/lora_A_init"] = (fan_in, config.rank_for(p))
+            expected[f"{p}/lora_B_init"] = (config.rank_for(p), fan_out)
     weights_path = _read_tensors(directory, meta, expected)
     extra_names = meta.get("extra_weights") or []
     extra_path = None
@@ -478,6 +504,13 @@ def load_adapter(model, directory, trainable=True, adapter_name=DEFAULT_ADAPTER,
                       f.get_tensor(f"{p}/lora_B").astype(np.float32, copy=False))
             if config.dora:
                 arrays += (f.get_tensor(f"{p}/lora_magnitude").astype(np.float32, copy=False),)
+            if residual:
+                # PiSSA/OLoRA: the factors whose update comes out of the kernel (None: computed
+                # from this base's kernel, as PEFT does when it loads such an adapter).
+                arrays = arrays[:2] + (arrays[2] if config.dora else None,)
+                arrays += ((f.get_tensor(f"{p}/lora_A_init").astype(np.float32, copy=False).T,
+                            f.get_tensor(f"{p}/lora_B_init").astype(np.float32, copy=False))
+                           if meta.get("base_residual") else None,)
             return arrays
 
         if planned is not None:

@@ -16,7 +16,10 @@ from typing import Any
 from lora3.errors import LoraConfigError
 from lora3.targets import expand as _expand_targets
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "olora")  # and "pissa_niter_<N>" (see check_init)
+# Initialisations that write a residual back into the base kernel (PiSSA, OLoRA): `base_rewriting(init)`.
+BASE_REWRITING_INITS = ("pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
 # The adapter a surgery creates unless told otherwise (PEFT's default name too). Its variables keep
 # the plain names `lora_A`/`lora_B`; another adapter's are `lora_A_<name>`/`lora_B_<name>`.
 DEFAULT_ADAPTER = "default"
@@ -99,23 +102,48 @@ def check_scale(rank, alpha, dropout) -> None:
 
 
 def check_init(init) -> None:
-    """Checks the name of A's initialiser (one of `INITS`).
+    """Checks the name of the adapter's initialiser (one of `INITS`, or `"pissa_niter_<N>"`).
 
     Args:
-        init: str. `"kaiming"` or `"gaussian"`.
+        init: str. `"kaiming"`, `"gaussian"`, `"pissa"`, `"pissa_niter_<N>"`
+            (N >= 0 subspace iterations) or `"olora"`, PEFT's
+            `init_lora_weights` names (see `lora3.layers.base_init`).
 
     Raises:
         LoraConfigError: quoting the bad value and the valid ones.
 
     Example:
     >>> check_init("kaiming")
+    >>> check_init("pissa_niter_4")
     >>> check_init("xavier")
     Traceback (most recent call last):
     ...
-    lora3.errors.LoraConfigError: init='xavier' is not valid: it must be one of kaiming, gaussian
+    lora3.errors.LoraConfigError: init='xavier' is not valid: it must be one of kaiming, gaussian, pissa, olora, or pissa_niter_<N> (N >= 0 iterations, e.g. pissa_niter_4)
     """
-    if init not in INITS:
-        raise LoraConfigError(f"init={init!r} is not valid: it must be one of {', '.join(INITS)}")
+    if init not in INITS and not (isinstance(init, str) and _PISSA_NITER.fullmatch(init)):
+        raise LoraConfigError(f"init={init!r} is not valid: it must be one of {', '.join(INITS)}, "
+                              "or pissa_niter_<N> (N >= 0 iterations, e.g. pissa_niter_4)")
+
+
+def base_rewriting(init) -> bool:
+    """Whether `init` writes a residual back into the base kernel (PiSSA in any form, OLoRA).
+
+    Example:
+    >>> base_rewriting("pissa_niter_2"), base_rewriting("olora"), base_rewriting("kaiming")
+    (True, True, False)
+    """
+    return init in BASE_REWRITING_INITS or bool(isinstance(init, str) and _PISSA_NITER.fullmatch(init))
+
+
+def pissa_niter(init):
+    """The subspace iterations of `"pissa_niter_<N>"` (an int), or None for any other init.
+
+    Example:
+    >>> pissa_niter("pissa_niter_4"), pissa_niter("pissa")
+    (4, None)
+    """
+    match = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    return int(match.group(1)) if match else None
 
 
 def pattern_key(patterns, path):
@@ -185,8 +213,15 @@ class LoraConfig:
         rslora: bool. Use rank-stabilised scaling `alpha / sqrt(rank)`.
         init: str. Initialiser of A: `"kaiming"` (uniform, as PEFT) or
             `"gaussian"` (normal with std `1/rank`, as PEFT's
-            `init_lora_weights="gaussian"`). B always starts at zero, so a
-            fresh adapter changes nothing.
+            `init_lora_weights="gaussian"`); B starts at zero, so a fresh
+            adapter changes nothing. Or one that starts A and B from the
+            base kernel and writes the residual back into it, so the
+            outputs are again the base's (`lora3.layers.base_init`):
+            `"pissa"` (top-r singular vectors, Meng et al. 2024,
+            arXiv:2404.02948), `"pissa_niter_<N>"` (the same by a
+            randomised SVD with N subspace iterations) or `"olora"`
+            (the first r columns of a QR decomposition, Büyükakyüz 2024,
+            arXiv:2406.01775).
         layers: `None`, int, str or a list of them. Restrict to block
             indices: an int, `"encoder"` / `"decoder"` (T5), or
             `"encoder.3"` / `"decoder.0"` for one block.

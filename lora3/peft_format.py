@@ -33,6 +33,7 @@ Only `keras.ops`, numpy, safetensors and json are used: no torch, transformers o
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import NamedTuple
@@ -75,6 +76,9 @@ _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # PEFT `init_lora_weights` values whose initialisation rewrites the base weights (W becomes a residual):
 # PEFT repeats it when it loads such an adapter, so the adapter only works on that changed base.
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+# Those lora3 redoes as PEFT does when it loads such an adapter: a deterministic function of the base
+# kernel (the residual W - s * A0.T @ B0 is written into it, then the file's trained A and B are set).
+_REPRODUCIBLE_INITS = ("pissa", "olora")
 _FORWARD_CHANGING = {  # options that change the LoRA forward pass or add tensors lora3 does not have
     "lora_bias": "a bias on lora_B",
     "use_qalora": "QALoRA",
@@ -398,24 +402,25 @@ def save_peft_adapter(model, directory, *, base_model_name_or_path=None, overwri
         target_modules = shorts
     else:
         target_modules = sorted(s.hf for s in adapted)
+    exported = {w.path: _exported_factors(w, adapters[w.path]) for w in wrappers}  # (A, B, rank, alpha)
     tensors = {}
     for w, site in zip(wrappers, adapted):
-        a = np.ascontiguousarray(ops.convert_to_numpy(adapters[w.path].lora_A), dtype=np.float32)
-        b = _b_to_hf(np.asarray(ops.convert_to_numpy(adapters[w.path].lora_B), dtype=np.float32), _hf_order(w.wrapped))
+        a = np.ascontiguousarray(exported[w.path][0], dtype=np.float32)
+        b = _b_to_hf(np.asarray(exported[w.path][1], dtype=np.float32), _hf_order(w.wrapped))
         tensors[f"{KEY_PREFIX}{site.hf}.lora_A.weight"] = a
         tensors[f"{KEY_PREFIX}{site.hf}.lora_B.weight"] = b
         if adapters[w.path].dora:
             m = np.asarray(ops.convert_to_numpy(adapters[w.path].lora_magnitude), dtype=np.float32)
             tensors[f"{KEY_PREFIX}{site.hf}.lora_magnitude_vector"] = _b_to_hf(m[None, :], _hf_order(w.wrapped))[:, 0]
-    r = _most_common([adapters[w.path].rank for w in wrappers])
-    lora_alpha = _most_common([float(adapters[w.path].alpha) for w in wrappers])
+    r = _most_common([exported[w.path][2] for w in wrappers])
+    lora_alpha = _most_common([exported[w.path][3] for w in wrappers])
     all_names = [site.hf for site in sites.values()]
     rank_pattern, alpha_pattern = {}, {}
     for w, site in zip(wrappers, adapted):
-        if adapters[w.path].rank != r:
-            rank_pattern[_hf_pattern_key(site.hf, all_names)] = int(adapters[w.path].rank)
-        if float(adapters[w.path].alpha) != lora_alpha:
-            alpha_pattern[_hf_pattern_key(site.hf, all_names)] = _number(adapters[w.path].alpha)
+        if exported[w.path][2] != r:
+            rank_pattern[_hf_pattern_key(site.hf, all_names)] = int(exported[w.path][2])
+        if exported[w.path][3] != lora_alpha:
+            alpha_pattern[_hf_pattern_key(site.hf, all_names)] = _number(exported[w.path][3])
     config = peft_config_dict(
         r=r, lora_alpha=lora_alpha, lora_dropout=first.dropout, use_rslora=first.rslora,
         target_modules=target_modules, task_type=TASK_TYPES[family],
@@ -428,6 +433,31 @@ def save_peft_adapter(model, directory, *, base_model_name_or_path=None, overwri
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
     return directory
+
+
+def _exported_factors(wrapper, adapter):
+    """`(A, B, rank, alpha)` a PEFT file gets for one layer: A `(rank, in)`, B in lora3's `(rank, out)`.
+
+    A PiSSA/OLoRA adapter trained over the residual `W - s * A0.T @ B0` is converted to a plain
+    LoRA adapter over the original `W`, as PEFT's `save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)` does (`LoraModel.subtract_mutated_init`):
+    `s * A.T @ B - s * A0.T @ B0 = s * [A; A0].T @ [B; -B0]`, rank `2r`, and alpha doubled
+    (times sqrt(2) with rslora) so that `s` is unchanged. PEFT loads it onto the unchanged base
+    model with `init_lora_weights=True`.
+    """
+    a = np.asarray(ops.convert_to_numpy(adapter.lora_A), dtype=np.float32)
+    b = np.asarray(ops.convert_to_numpy(adapter.lora_B), dtype=np.float32)
+    if not adapter.rewrites_base:
+        return a, b, int(adapter.rank), float(adapter.alpha)
+    if adapter.initial_factors is None:
+        raise AdapterError(
+            f"LoRA layer {wrapper.path!r}: adapter {adapter.name!r} (init={adapter.init!r}) was trained over a "
+            "residual base kernel, and the factors it started from are unknown (a model loaded from a .keras "
+            "file keeps the residual, not those), so it cannot be converted to an adapter of the original "
+            "base; merge it instead (lora3.merge_and_unload) and export the model")
+    a0, b0 = (np.asarray(x, dtype=np.float32) for x in adapter.initial_factors)
+    alpha = float(adapter.alpha) * (math.sqrt(2.0) if adapter.rslora else 2.0)
+    return np.concatenate([a, a0]), np.concatenate([b, -b0]), 2 * int(adapter.rank), alpha
 
 
 def is_peft_adapter(directory) -> bool:
@@ -556,11 +586,12 @@ def read_peft_config(directory) -> dict:
             if isinstance(v, bool) or not number or not v > 0:
                 refuse(key, pattern, f"has value {v!r} for {k!r}; it must be {what}")
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS) and init not in _REPRODUCIBLE_INITS:
         refuse("init_lora_weights", init,
-               "rewrites the base weights when PEFT loads the adapter (a residual base), which lora3 "
-               "does not reproduce; convert the adapter with PEFT's path_initial_model_for_weight_conversion "
-               "(then init_lora_weights is true)")
+               "rewrites the base weights when PEFT loads the adapter (a residual base) by a method lora3 "
+               "cannot reproduce exactly (lora3 reproduces 'pissa' and 'olora'; a randomised SVD or a "
+               "data-dependent init differs run to run); convert the adapter with PEFT's "
+               "path_initial_model_for_weight_conversion (then init_lora_weights is true)")
     if config.get("exclude_modules") is not None and not isinstance(config["exclude_modules"], (str, list)):
         refuse("exclude_modules", config["exclude_modules"], "must be null, a regex string or a list of names")
     targets = config.get("target_modules")
@@ -680,7 +711,8 @@ def load_peft_adapter(model, directory, trainable=True, *, adapter_name=None) ->
         lora_config = LoraConfig(
             rank=rank, alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
             rslora=config.get("use_rslora", False), dora=config.get("use_dora", False),
-            init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+            init=(config["init_lora_weights"] if config.get("init_lora_weights") in ("gaussian", *_REPRODUCIBLE_INITS)
+                  else "kaiming"),
         )
     except LoraConfigError as exc:
         raise AdapterError(f"{cfg_path}: {exc}") from None

@@ -21,6 +21,7 @@ import keras
 from lora3.adapter_set import set_adapter
 from lora3.config import DEFAULT_ADAPTER, LoraConfig
 from lora3.errors import AdapterError
+from lora3.layers.lora_layer import restoring
 from lora3.surgery import STATE_ATTR, STATE_FILE, apply_lora
 
 
@@ -87,8 +88,9 @@ def load_model(path, compile=True, safe_mode=True, custom_objects=None):
             raise AdapterError(f"{path}: {records[0]} is not a readable lora3 record: {exc}") from None
     compile_config = config.pop("compile_config", None)
     model = keras.saving.deserialize_keras_object(config, custom_objects=custom_objects, safe_mode=safe_mode)
-    for name, lora_config, layer_paths in surgeries:
-        apply_lora(model, lora_config, layer_paths=layer_paths, adapter_name=name)
+    with restoring():  # the file's kernels already hold any PiSSA/OLoRA residual
+        for name, lora_config, layer_paths in surgeries:
+            apply_lora(model, lora_config, layer_paths=layer_paths, adapter_name=name)
     if active != surgeries[0][0]:
         set_adapter(model, active)
     model.load_weights(path)

@@ -29,10 +29,11 @@ from typing import NamedTuple
 import keras
 
 from lora3 import targets as targets_lib
-from lora3.config import DEFAULT_ADAPTER, LoraConfig, check_adapter_name, pattern_key
+from lora3.config import DEFAULT_ADAPTER, LoraConfig, base_rewriting, check_adapter_name, pattern_key
 from lora3.errors import LoraConfigError
 from lora3.fileio import atomic_write_text
 from lora3.layers import LoRADense, LoRAEinsumDense, LoRALayer
+from lora3.layers.lora_layer import _check_float_kernel
 from lora3.report import AdaptedLayer, LoraReport, count_params
 
 # The attribute of the model that holds its `LoraState`, and the file that state becomes in a
@@ -343,6 +344,17 @@ def plan(model, config: LoraConfig, layer_paths=None, adapter_name=DEFAULT_ADAPT
                 f"adapter {adapter_name!r}: train_also={list(config.train_also)} is only available to a model's "
                 "first adapter (lora3 keeps one copy of those weights, which every adapter would share)"
             )
+        # PiSSA/OLoRA rewrite the kernels every adapter of a layer shares: one adapter per model.
+        rewriting = [n for n, a in state.adapters.items() if base_rewriting(a.config.init)]
+        if base_rewriting(config.init) or rewriting:
+            raise LoraConfigError(
+                f"adapter {adapter_name!r}: "
+                + (f"init={config.init!r} rewrites the base kernels that the model's adapter(s) "
+                   f"{', '.join(state.adapters)} share" if base_rewriting(config.init) else
+                   f"the model's adapter {rewriting[0]!r} (init={state.adapters[rewriting[0]].config.init!r}) "
+                   "left residuals in the base kernels, which another adapter would share")
+                + "; lora3 supports pissa/olora for a model's only adapter (merge it first: lora3.merge_and_unload)"
+            )
     table = _parents_of(model)  # one walk of the model serves the search and the parent lookup
     if layer_paths is None:
         chosen = _find(model, table, config.targets, config.layers, include_wrapped=existing, exclude=config.exclude)
@@ -365,6 +377,8 @@ def plan(model, config: LoraConfig, layer_paths=None, adapter_name=DEFAULT_ADAPT
                 "attribute, so lora3 cannot wrap it. Choose layers inside the blocks"
             )
         in_features, out_features = wrapper_class(layer).check_layer(layer, config.rank_for(path))
+        if base_rewriting(config.init):
+            _check_float_kernel(layer, config.init)
         result[path] = PlannedLayer(layer, role, parents, in_features, out_features)
     for field in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field):
@@ -522,7 +536,8 @@ def unload(model):
     Each wrapped layer goes back where its wrapper was, the trainable flags
     are those the model had before `apply_lora`, and the `LoraState` is
     removed. The LoRA weights are dropped: merge them first to keep them
-    (`lora3.merge_and_unload`).
+    (`lora3.merge_and_unload`). An unmerged PiSSA/OLoRA adapter gives its
+    initial update back to the kernel, so the kernel is the base's again.
 
     Args:
         model: a model `apply_lora` (or `load_adapter`) adapted.
@@ -540,7 +555,14 @@ def unload(model):
     """
     table = _parents_of(model)
     state = lora_state(model)
-    for w in lora_layers(model):
+    wrappers = lora_layers(model)
+    for w in wrappers:  # every check first: a base that cannot be restored changes nothing
+        if not w.merged and any(a.rewrites_base and a.initial_factors is None
+                                for a in map(w.get_adapter, w.adapter_names)):
+            w.restore_base()  # raises, naming the layer
+    for w in wrappers:
+        if not w.merged:
+            w.restore_base()
         for parent in table[id(w)][1]:
             _swap(parent, w, w.wrapped)
         w.wrapped.trainable = state.wrapped_trainable.get(w.path, True) if state else True
@@ -726,8 +748,10 @@ def _make_wrapper(layer, config: LoraConfig, initial=None, adapter_name=DEFAULT_
                     init=config.init, adapter_name=adapter_name, dora=config.dora)
     if initial is None:
         return cls(layer, rank=config.rank_for(layer.path), **settings)
-    lora_a, lora_b, *magnitude = initial
-    return cls.from_weights(layer, lora_a, lora_b, magnitude=magnitude[0] if magnitude else None, **settings)
+    # (A, B), (A, B, magnitude) or (A, B, magnitude, (A0, B0)): a PiSSA/OLoRA file's initial factors
+    lora_a, lora_b, *rest = initial
+    return cls.from_weights(layer, lora_a, lora_b, magnitude=rest[0] if rest else None,
+                            initial_factors=rest[1] if len(rest) > 1 else None, **settings)
 
 
 def _train_also_patterns(train_also):

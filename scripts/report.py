@@ -35,6 +35,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-COLUMNS = ["run", "status", "model", "backend", "mode", "rank", "alpha", "targets", "rslora", "lr", "seed",
+COLUMNS = ["run", "status", "model", "backend", "mode", "rank", "alpha", "targets", "rslora", "variant", "lr", "seed",
            "trainable", "trainable_pct", "bleu_before", "best_bleu", "best_chrf", "final_bleu", "final_val_loss",
            "tokens_per_s", "wall_s", "error"]
 
@@ -117,6 +118,7 @@ def row_from_metrics(name: str, m: dict, cfg: dict) -> dict:
         "alpha": lora.get("alpha") if mode == "lora" else None,
         "targets": _targets_str(lora.get("targets")) if mode == "lora" else None,
         "rslora": bool(lora.get("rslora")) if mode == "lora" else None,
+        "variant": variant_of(lora, cfg.get("trainer") or {}) if mode == "lora" else None,
         "seed": m.get("seed", cfg.get("seed")), "lr": _num((cfg.get("trainer") or {}).get("lr")),
         "trainable": params.get("trainable"), "trainable_pct": _num(params.get("trainable_percent")),
         "bleu_before": _num((m.get("before") or {}).get("val/bleu")),
@@ -130,6 +132,33 @@ def row_from_metrics(name: str, m: dict, cfg: dict) -> dict:
         "curve": ([(0, m["before"]["val/loss"])] if hist and (m.get("before") or {}).get("val/loss") is not None
                   else []) + [(h["step"], h["val/loss"]) for h in hist],
     }
+
+
+_INIT_NAMES = {"pissa": "PiSSA", "olora": "OLoRA", "gaussian": "gaussian init"}
+
+
+def variant_of(lora: dict, trainer: dict) -> str:
+    """The LoRA variant a run used, one label: `plain`, or its parts joined by `+`
+    (`rsLoRA`, `DoRA`, `PiSSA` / `PiSSA(niter 4)` / `OLoRA` / `gaussian init`, `LoRA+x16`, `int8 base`).
+
+    Works on a nested config (`lora`, `trainer` dicts) and on W&B's flat one (pass the same
+    keys without their group prefix)."""
+    parts = []
+    if lora.get("rslora"):
+        parts.append("rsLoRA")
+    if lora.get("dora"):
+        parts.append("DoRA")
+    init = lora.get("init") or "kaiming"
+    if init != "kaiming":
+        niter = re.fullmatch(r"pissa_niter_([0-9]+)", str(init))
+        parts.append(f"PiSSA(niter {niter.group(1)})" if niter else _INIT_NAMES.get(init, str(init)))
+    ratio = _num(trainer.get("lora_plus_ratio"))
+    if ratio is not None:
+        parts.append(f"LoRA+x{ratio:g}")
+    quant = lora.get("base_quantization")
+    if quant and quant != "none":
+        parts.append(f"{quant} base")
+    return "+".join(parts) or "plain"
 
 
 def _targets_str(t):
@@ -158,6 +187,8 @@ def row_from_wandb(name: str, rec: dict, cfg: dict | None = None) -> dict:
         "alpha": c.get("lora.alpha") if mode == "lora" else None,
         "targets": _targets_str(c.get("lora.targets")) if mode == "lora" else None,
         "rslora": bool(c.get("lora.rslora")) if mode == "lora" else None,
+        "variant": variant_of({k[5:]: v for k, v in c.items() if k.startswith("lora.")},
+                              {k[8:]: v for k, v in c.items() if k.startswith("trainer.")}) if mode == "lora" else None,
         "seed": c.get("seed"), "lr": _num(c.get("trainer.lr")),
         "trainable": None if summ("params/trainable") is None else int(summ("params/trainable")),
         "trainable_pct": summ("params/trainable_percent"),
@@ -221,7 +252,7 @@ def _failed(name, cfg, error) -> dict:
                mode=mode, seed=cfg.get("seed"), error=str(error), curve=[])
     if mode == "lora":
         row.update(rank=lora.get("rank"), alpha=lora.get("alpha"), targets=_targets_str(lora.get("targets")),
-                   rslora=bool(lora.get("rslora")))
+                   rslora=bool(lora.get("rslora")), variant=variant_of(lora, cfg.get("trainer") or {}))
     return row
 
 
@@ -275,7 +306,8 @@ def config_label(r: dict, common_lr=None) -> str:
     lr = f" lr={r['lr']:g}" if r.get("lr") is not None and common_lr is not None and r["lr"] != common_lr else ""
     if r.get("mode") != "lora":
         return str(r.get("mode")) + lr
-    return f"{r['targets']} r={r['rank']} α={_fmt(_num(r['alpha']), 0)}{' rsLoRA' if r.get('rslora') else ''}{lr}"
+    variant = r.get("variant") or ("rsLoRA" if r.get("rslora") else "plain")
+    return f"{r['targets']} r={r['rank']} α={_fmt(_num(r['alpha']), 0)}{'' if variant == 'plain' else ' ' + variant}{lr}"
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -286,7 +318,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["status"] == "finished" and r.get("best_bleu") is not None:
             key = (r.get("model"), r.get("mode"), r.get("targets"), r.get("rank"), _num(r.get("alpha")), r.get("rslora"),
-                   r.get("lr"))
+                   r.get("lr"), r.get("variant"))
             groups[key].append(r)
     out = []
     for key, rs in groups.items():
@@ -294,12 +326,13 @@ def aggregate(rows: list[dict]) -> list[dict]:
         c = [r["best_chrf"] for r in rs if r.get("best_chrf") is not None]
         out.append({"label": config_label(rs[0], common_lr), "lr": key[6], "common_lr": key[6] in (None, common_lr),
                     "model": key[0], "mode": key[1], "targets": key[2], "rank": key[3],
-                    "alpha": key[4], "rslora": key[5], "n": len(rs), "bleu_mean": statistics.fmean(b),
+                    "alpha": key[4], "rslora": key[5], "variant": key[7], "n": len(rs), "bleu_mean": statistics.fmean(b),
                     "bleu_std": statistics.stdev(b) if len(b) > 1 else 0.0, "bleu_min": min(b), "bleu_max": max(b),
                     "chrf_mean": statistics.fmean(c) if c else None,
                     "trainable_pct": rs[0].get("trainable_pct")})
     order = {"none": 0, "lora": 1, "full": 2}
-    out.sort(key=lambda a: (order.get(a["mode"], 3), str(a["targets"]), bool(a["rslora"]), a["rank"] or 0, a["alpha"] or 0))
+    out.sort(key=lambda a: (order.get(a["mode"], 3), str(a["targets"]), bool(a["rslora"]), str(a["variant"]),
+                            a["rank"] or 0, a["alpha"] or 0))
     return out
 
 
@@ -338,9 +371,9 @@ def write_markdown(rows: list[dict], aggs: list[dict], path: Path, sources: list
                          f"{a['bleu_min']:.2f} | {a['bleu_max']:.2f} | {_fmt(a['chrf_mean'])} | {of_full} | {gap} |")
         lines.append("")
     lines += ["## Every run", "",
-              "| run | status | model | backend | mode | rank | alpha | targets | rsLoRA | lr | seed | trainable | "
+              "| run | status | model | backend | mode | rank | alpha | targets | rsLoRA | variant | lr | seed | trainable | "
               "trainable % | BLEU before | best BLEU | best chrF | final val loss | tokens/s | error |",
-              "|---|---|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---|---|---|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         err = (r.get("error") or "").replace("|", "\\|").replace("\n", " ")
         if len(err) > 200:
@@ -348,7 +381,8 @@ def write_markdown(rows: list[dict], aggs: list[dict], path: Path, sources: list
         lines.append("| " + " | ".join([
             r["run"], r["status"], _fmt(r.get("model")), _fmt(r.get("backend")), _fmt(r.get("mode")),
             _fmt(r.get("rank")), _fmt(_num(r.get("alpha")), 0) if r.get("alpha") is not None else "",
-            _fmt(r.get("targets")), _fmt(r.get("rslora")), f"{r['lr']:g}" if r.get("lr") is not None else "",
+            _fmt(r.get("targets")), _fmt(r.get("rslora")), _fmt(r.get("variant")),
+            f"{r['lr']:g}" if r.get("lr") is not None else "",
             _fmt(r.get("seed")), _fmt(r.get("trainable")),
             _fmt(r.get("trainable_pct"), 3), _fmt(r.get("bleu_before")), _fmt(r.get("best_bleu")),
             _fmt(r.get("best_chrf")), _fmt(r.get("final_val_loss"), 4), _fmt(r.get("tokens_per_s"), 0), err,
@@ -386,7 +420,8 @@ def series(aggs: list[dict]) -> dict:
         if a["mode"] != "lora" or not a.get("common_lr", True):
             continue
         for rule in _alpha_rules(a["rank"], a["alpha"]):
-            label = f"{a['targets']} {rule}{' rsLoRA' if a['rslora'] else ''}"
+            variant = a.get("variant") or ("rsLoRA" if a["rslora"] else "plain")
+            label = f"{a['targets']} {rule}{'' if variant == 'plain' else ' ' + variant}"
             lines[label][a["rank"]] = (a["rank"], a["bleu_mean"], a["bleu_min"], a["bleu_max"])
     out = {}
     for label, pts in lines.items():

@@ -146,9 +146,9 @@ class LoRAEinsumDense(LoRALayer):
         info = analyze_equation(layer.equation, layer.kernel.shape)
         return info["in_features"], info["out_features"]
 
-    def build(self, input_shape=None):
-        super().build(input_shape)
-        # The einsum equations and shapes `call` and `merge` use.
+    def _wrapped_built(self):
+        # The einsum equations and shapes `call`, `merge` and a PiSSA/OLoRA init (which runs
+        # while the adapters' variables are created) use.
         self._einsum = analyze_equation(self.wrapped.equation, self.wrapped.kernel.shape)
 
     def _apply_kernel(self, inputs):

@@ -39,12 +39,24 @@ import warnings
 import keras
 from keras import ops
 
-from lora3.config import DEFAULT_ADAPTER, check_adapter_name, check_init, check_scale, scaling, variable_suffix
+from lora3.config import (
+    DEFAULT_ADAPTER,
+    base_rewriting,
+    check_adapter_name,
+    check_init,
+    check_scale,
+    scaling,
+    variable_suffix,
+)
 from lora3.errors import LoraConfigError
+from lora3.layers import base_init
 
 # `(A, B)` arrays that `from_weights` hands to the `build` its constructor runs, so the
 # variables are created once from them (adapter loading), not drawn and then overwritten.
 _INITIAL_WEIGHTS = contextvars.ContextVar("lora3_initial_weights", default=None)
+# Set while `from_config` rebuilds a wrapper (a `.keras` file): the kernel is about to be loaded,
+# already holding any PiSSA/OLoRA residual, so a base-rewriting init must not run again.
+_RESTORING = contextvars.ContextVar("lora3_restoring", default=False)
 
 
 class AdapterWeights:
@@ -72,7 +84,7 @@ class AdapterWeights:
     """
 
     __slots__ = ("name", "rank", "alpha", "dropout", "rslora", "init", "dora", "lora_A", "lora_B",
-                 "lora_magnitude")
+                 "lora_magnitude", "initial_factors", "restored")
 
     def __init__(self, name, rank, alpha, dropout, rslora, init, dora=False):
         self.name = name
@@ -85,6 +97,17 @@ class AdapterWeights:
         self.lora_A = None
         self.lora_B = None
         self.lora_magnitude = None
+        # PiSSA/OLoRA: the `(A0, B0)` numpy arrays the adapter started from, whose update
+        # `s * A0.T @ B0` was taken out of the base kernel (None: the kernel is the base's own,
+        # or it came from a `.keras` file, which keeps the residual but not these).
+        self.initial_factors = None
+        # True for an adapter rebuilt from a `.keras` file: its kernel arrives with the residual.
+        self.restored = False
+
+    @property
+    def rewrites_base(self):
+        """Whether this adapter's init wrote a residual into the wrapped kernel (PiSSA, OLoRA)."""
+        return base_rewriting(self.init)
 
     def variables(self):
         """The adapter's created variables: `lora_A`, `lora_B` and, with DoRA, `lora_magnitude`.
@@ -223,7 +246,7 @@ class LoRALayer(keras.layers.Layer):
 
     @classmethod
     def from_weights(cls, layer, lora_A, lora_B, alpha, dropout=0.0, rslora=False, init="kaiming",
-                     adapter_name=DEFAULT_ADAPTER, magnitude=None, dora=False, **kwargs):
+                     adapter_name=DEFAULT_ADAPTER, magnitude=None, dora=False, initial_factors=None, **kwargs):
         """A wrapper whose `lora_A` and `lora_B` are created from arrays instead of drawn.
 
         The variables are created once, from these values (adapter loading:
@@ -241,6 +264,10 @@ class LoRALayer(keras.layers.Layer):
                 `lora_magnitude` (None: PEFT's initial value,
                 `||W + s * A.T @ B||`). Needs `dora=True`.
             dora: bool. A DoRA adapter (see the class).
+            initial_factors: `(A0, B0)` or None. For `init="pissa"`/`"olora"`:
+                the factors the adapter started from, whose update is taken
+                out of the kernel (None: computed from the kernel, as PEFT
+                does when it loads such an adapter).
 
         Returns:
             The built wrapper.
@@ -265,7 +292,7 @@ class LoRALayer(keras.layers.Layer):
             )
         if magnitude is not None and not dora:
             raise LoraConfigError(f"{cls.__name__}.from_weights: a magnitude vector needs dora=True")
-        token = _INITIAL_WEIGHTS.set((lora_A, lora_B, magnitude))
+        token = _INITIAL_WEIGHTS.set((lora_A, lora_B, magnitude, initial_factors))
         try:
             return cls(layer, int(lora_A.shape[0]), alpha, dropout, rslora, init, adapter_name, dora=dora, **kwargs)
         finally:
@@ -417,6 +444,8 @@ class LoRALayer(keras.layers.Layer):
         check_scale(rank, alpha, dropout)
         check_init(init)
         _check_dora(dora)
+        if not _RESTORING.get():
+            self.check_base_rewrite(init, name)
         adapter = AdapterWeights(name, rank, alpha, dropout, rslora, init, dora)
         if self.built:
             _check_rank(rank, self.wrapped, self.in_features, self.out_features)
@@ -457,6 +486,8 @@ class LoRALayer(keras.layers.Layer):
             raise LoraConfigError(
                 f"adapter {name!r} of {self.path or self.name!r} is merged into the kernel; unmerge it first"
             )
+        if adapter.rewrites_base:
+            self.restore_base()  # the kernel gets its base back (or nothing changes: it raises)
         for variable in adapter.variables():
             self._untrack_variable(variable)
         attr = _dropout_attr(name)
@@ -519,6 +550,16 @@ class LoRALayer(keras.layers.Layer):
         magnitude = weights[2] if weights is not None and len(weights) > 2 else None
         if magnitude is not None and not adapter.dora:
             raise LoraConfigError(f"{self.name}: a magnitude vector for adapter {adapter.name!r}, which is no DoRA adapter")
+        initial = weights[3] if weights is not None and len(weights) > 3 else None
+        if adapter.rewrites_base and not adapter.restored and not _RESTORING.get():
+            # PiSSA/OLoRA: A and B start from the kernel (or from the factors an adapter file
+            # recorded), and the kernel keeps the residual; trained values, if given, come after.
+            a0, b0 = self._rewrite_base(adapter, initial)
+            if weights is None:
+                weights = (a0, b0)
+        elif initial is not None:
+            raise LoraConfigError(f"{self.name}: initial factors for adapter {adapter.name!r}, whose init "
+                                  f"{adapter.init!r} does not start from the base kernel")
         if weights is not None:
             a_init, b_init = _constant(weights[0], a_shape), _constant(weights[1], b_shape)
         elif adapter.init == "kaiming":
@@ -549,6 +590,105 @@ class LoRALayer(keras.layers.Layer):
         active = adapter.name == self.active_adapter
         for variable in adapter.variables():
             variable.trainable = variable.trainable and active
+
+    def check_base_rewrite(self, init, adapter_name):
+        """Refuses a base-rewriting `init` (PiSSA, OLoRA) this layer cannot take, changing nothing.
+
+        The init rewrites the wrapped kernel, which every adapter of the layer shares, so it
+        needs a float kernel (as PEFT: initialise on the float model, then quantize the
+        residual), an unmerged layer and no other adapter; and another adapter cannot join a
+        layer whose kernel holds such a residual.
+
+        Args:
+            init: str. The new adapter's init.
+            adapter_name: str. The new adapter's name.
+
+        Raises:
+            LoraConfigError: naming the layer and the reason.
+
+        Example:
+        >>> import keras
+        >>> from lora3.layers import LoRADense
+        >>> dense = keras.layers.Dense(3, name="proj")
+        >>> dense.build((None, 4))
+        >>> lora = LoRADense(dense, rank=2, alpha=4, init="pissa")
+        >>> lora.check_base_rewrite("kaiming", "b")
+        Traceback (most recent call last):
+        ...
+        lora3.errors.LoraConfigError: layer 'proj': its adapter 'default' (init='pissa') holds a residual in the kernel, so no other adapter can share it; use one adapter per model with pissa/olora
+        """
+        where = self.path or self.name
+        for other in self._adapters.values():
+            if other.name != adapter_name and other.rewrites_base:
+                raise LoraConfigError(
+                    f"layer {where!r}: its adapter {other.name!r} (init={other.init!r}) holds a residual in the "
+                    "kernel, so no other adapter can share it; use one adapter per model with pissa/olora")
+        if not base_rewriting(init):
+            return
+        others = [n for n in self._adapters if n != adapter_name]
+        if others:
+            raise LoraConfigError(
+                f"layer {where!r}: init={init!r} rewrites the kernel that its adapter(s) {', '.join(others)} "
+                "share; use pissa/olora for a model's only adapter")
+        _check_float_kernel(self.wrapped, init)
+
+    def _rewrite_base(self, adapter, initial=None):
+        """Writes `W - s * A0.T @ B0` into the wrapped kernel; returns `(A0, B0)` (numpy).
+
+        `initial`: `(A0, B0)` an adapter file recorded (the residual is then exact whatever
+        the backend or the randomised SVD would give), or None to compute them from the kernel.
+        """
+        self.check_base_rewrite(adapter.init, adapter.name)
+        weight = self.kernel_matrix()
+        if initial is not None:
+            a0, b0 = (ops.convert_to_numpy(ops.cast(x, "float32")) for x in initial)
+            if a0.shape != (adapter.rank, self.in_features) or b0.shape != (adapter.rank, self.out_features):
+                raise LoraConfigError(
+                    f"initial PiSSA/OLoRA factors of shapes {a0.shape}, {b0.shape}; layer "
+                    f"{self.path or self.name!r} needs {(adapter.rank, self.in_features)}, {(adapter.rank, self.out_features)}")
+        else:
+            a0, b0 = (ops.convert_to_numpy(x) for x in base_init.base_factors(weight, adapter.rank, adapter.scaling, adapter.init))
+        kernel = self.wrapped._kernel
+        kernel.assign(ops.cast(self._delta_to_kernel_layout(base_init.residual(weight, a0, b0, adapter.scaling)), kernel.dtype))
+        adapter.initial_factors = (a0, b0)
+        return a0, b0
+
+    def restore_base(self):
+        """Adds the update a PiSSA/OLoRA adapter took out of the kernel back in (the kernel is the base's again).
+
+        Called when the adapter goes away unmerged (`lora3.surgery.unload`,
+        `delete_adapter`). Nothing to do for other inits.
+
+        Raises:
+            LoraConfigError: the initial factors are unknown (a model loaded from a `.keras`
+                file keeps the residual, not the factors), so the base cannot be restored.
+
+        Example:
+        >>> import keras, numpy as np
+        >>> from lora3.layers import LoRADense
+        >>> dense = keras.layers.Dense(3, use_bias=False)
+        >>> dense.build((None, 4))
+        >>> kernel = keras.ops.convert_to_numpy(dense.kernel)
+        >>> lora = LoRADense(dense, rank=2, alpha=2, init="pissa")
+        >>> lora.restore_base()
+        >>> bool(np.allclose(keras.ops.convert_to_numpy(dense.kernel), kernel, atol=1e-5))
+        True
+        """
+        for adapter in self._adapters.values():
+            if not adapter.rewrites_base:
+                continue
+            if adapter.initial_factors is None:
+                raise LoraConfigError(
+                    f"layer {self.path or self.name!r}: adapter {adapter.name!r} (init={adapter.init!r}) left a residual "
+                    "in the kernel, and its initial factors are unknown (loaded from a .keras file), so the base "
+                    "kernel cannot be restored; merge it instead (lora3.merge_and_unload) or reload the base model")
+            a0, b0 = adapter.initial_factors
+            kernel = self.wrapped._kernel
+            delta = ops.multiply(ops.matmul(ops.transpose(a0), b0), adapter.scaling)
+            kernel.assign(ops.add(kernel, ops.cast(self._delta_to_kernel_layout(delta), kernel.dtype)))
+            adapter.initial_factors = None
+            # The kernel is the base's own now: the adapter, if kept, is a plain one on top of it.
+            adapter.init = "kaiming"
 
     # -- the active adapter's settings (what single-adapter code reads) ------------
     @property
@@ -627,6 +767,7 @@ class LoRALayer(keras.layers.Layer):
                 )
             self.wrapped.build(input_shape)
         self.in_features, self.out_features = self.matrix_shape(self.wrapped)
+        self._wrapped_built()
         initial = _INITIAL_WEIGHTS.get()
         for i, adapter in enumerate(self._adapters.values()):
             _check_rank(adapter.rank, self.wrapped, self.in_features, self.out_features)
@@ -636,6 +777,9 @@ class LoRALayer(keras.layers.Layer):
             dropout_layer = getattr(self, _dropout_attr(adapter.name), None)
             if dropout_layer is not None and not dropout_layer.built:
                 dropout_layer.build(None)
+
+    def _wrapped_built(self):
+        """Called in `build` once the wrapped layer is built, before any adapter's variables exist."""
 
     def _base_linear(self, inputs):
         """The wrapped layer's output before its activation."""
@@ -689,10 +833,16 @@ class LoRALayer(keras.layers.Layer):
         merged = config.pop("merged", False)
         extra = config.pop("extra_adapters", [])
         active = config.pop("active_adapter", None)
-        wrapper = cls(layer, **config)
-        for settings in extra:
-            settings = dict(settings)
-            wrapper.add_adapter(settings.pop("name"), **settings)
+        token = _RESTORING.set(True)  # the kernel the file holds already has any residual
+        try:
+            wrapper = cls(layer, **config)
+            for settings in extra:
+                settings = dict(settings)
+                wrapper.add_adapter(settings.pop("name"), **settings)
+        finally:
+            _RESTORING.reset(token)
+        for adapter in wrapper._adapters.values():
+            adapter.restored = True
         if active is not None:
             wrapper.set_adapter(active)
         wrapper.merged = bool(merged)
@@ -836,6 +986,33 @@ class LoRALayer(keras.layers.Layer):
         return ops.reshape(delta, tuple(lead) + tuple(out_shape_tail))
 
 
+class restoring:
+    """A context in which new LoRA layers skip PiSSA/OLoRA's rewrite of the kernel (a file's weights follow).
+
+    `lora3.load_model` replays a `.keras` file's surgery on a freshly built model, whose kernels
+    the file then overwrites with the residuals it holds: running the init there would cost an
+    SVD per layer and record initial factors of random kernels. Adapters made here have
+    `initial_factors=None` (unknown).
+
+    Example:
+    >>> import keras
+    >>> from lora3.layers import LoRADense
+    >>> dense = keras.layers.Dense(3)
+    >>> dense.build((None, 4))
+    >>> with restoring():
+    ...     lora = LoRADense(dense, rank=2, alpha=2, init="pissa")
+    >>> lora.get_adapter().initial_factors is None
+    True
+    """
+
+    def __enter__(self):
+        self._token = _RESTORING.set(True)
+        return self
+
+    def __exit__(self, *exc):
+        _RESTORING.reset(self._token)
+
+
 def _dropout_attr(adapter_name):
     """The wrapper attribute holding an adapter's Dropout layer (`lora_dropout` for the default one)."""
     return "lora_dropout" + variable_suffix(adapter_name)
@@ -859,6 +1036,15 @@ class _unlocked:
 def _check_dora(dora):
     if not isinstance(dora, bool):
         raise LoraConfigError(f"dora must be true or false, got dora={dora!r}")
+
+
+def _check_float_kernel(layer, init):
+    """PiSSA/OLoRA write a float residual into the kernel: refused on a quantized one (as PEFT)."""
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is not None:
+        raise LoraConfigError(
+            f"init={init!r} rewrites the kernel of {layer.path or layer.name!r}, which is quantized "
+            f"(quantization_mode={mode!r}); initialise on the float model, then quantize the residual model")
 
 
 def _check_rank(rank, layer, in_features, out_features):

@@ -300,6 +300,13 @@ class RunLoraConfig(LoraConfig):
             raise LoraConfigError(f"init_from must be an adapter directory or null, got init_from={self.init_from!r}")
         if self.export not in EXPORTS:
             raise LoraConfigError(f"export must be one of {', '.join(EXPORTS)}, got export={self.export!r}")
+        if self.init_from is not None and (self.init != "kaiming" or self.dora):
+            # The adapter brings its own variant (its file records init and dora): a second one here
+            # would be silently ignored.
+            setting = f"init={self.init!r}" if self.init != "kaiming" else "dora=true"
+            raise LoraConfigError(
+                f"init_from={self.init_from!r} trains on from a saved adapter, which brings its own init and "
+                f"dora setting; {setting} cannot apply to it: drop lora.{setting.split('=')[0]} or lora.init_from")
 
 
 class AppConfig(_Node):

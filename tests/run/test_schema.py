@@ -62,6 +62,27 @@ def test_dora_is_a_key_of_the_lora_node(compose):
         validate({"lora": {"dora": 3}})
 
 
+def test_every_variant_is_a_key_and_a_sweep_composes(compose):
+    """lora.init (kaiming, gaussian, pissa, pissa_niter_<N>, olora), lora.dora, lora.rslora and
+    trainer.lora_plus_ratio: one multirun sweeps them; bad values and unsupported mixes name the key."""
+    for overrides, check in ((["lora.init=pissa"], lambda c: c.init == "pissa"),
+                             (["lora.init=pissa_niter_4"], lambda c: c.init == "pissa_niter_4"),
+                             (["lora.init=olora", "lora.dora=true"], lambda c: c.init == "olora" and c.dora)):
+        assert check(lora_config(validate(compose(overrides))))
+    assert validate(compose(["trainer.lora_plus_ratio=16"]))["trainer"]["lora_plus_ratio"] == 16
+    with pytest.raises(AppConfigError, match=r"lora.init='svd' is not valid: it must be one of kaiming, gaussian, "
+                                             r"pissa, olora, or pissa_niter_<N>"):
+        validate(compose(["lora.init=svd"]))
+    with pytest.raises(AppConfigError, match=r"lora.init_from='/a' trains on from a saved adapter, which brings "
+                                             r"its own init and dora setting; lora.init='pissa' cannot apply"):
+        validate(compose(["lora.init_from=/a", "lora.init=pissa"]))
+    with pytest.raises(AppConfigError, match=r"lora.dora=true cannot apply to it: drop lora.dora or lora.init_from"):
+        validate(compose(["lora.init_from=/a", "lora.dora=true"]))
+    with pytest.raises(AppConfigError, match=r"trainer.lora_plus_ratio=16.0 sets LoRA B's learning rate: it needs "
+                                             r"finetune=lora, not finetune=full"):
+        validate(compose(["lora=full", "trainer.lora_plus_ratio=16"]))
+
+
 def test_strict_types_no_silent_conversion():
     with pytest.raises(AppConfigError, match=r"trainer.jit_compile=1 is not valid: it must be true or false"):
         validate({"trainer": {"jit_compile": 1}})

@@ -18,11 +18,12 @@ def _report_module():
 
 
 def _fake_run(d: Path, *, mode="lora", rank=None, alpha=None, targets="all_linear", seed=0, bleu=10.0,
-              pct=1.0, rslora=False):
+              pct=1.0, rslora=False, lora_extra=None, trainer=None):
     d.mkdir(parents=True)
     (d / ".hydra").mkdir()
-    lora = {"mode": mode, "rank": rank or 8, "alpha": alpha or 16, "targets": targets, "rslora": rslora}
-    (d / "config.yaml").write_text(json.dumps({"backend": "jax", "seed": seed, "lora": lora,
+    lora = {"mode": mode, "rank": rank or 8, "alpha": alpha or 16, "targets": targets, "rslora": rslora,
+            **(lora_extra or {})}
+    (d / "config.yaml").write_text(json.dumps({"backend": "jax", "seed": seed, "lora": lora, "trainer": trainer or {},
                                                "model": {"name": "t5_tiny"}}))  # JSON is YAML
     hist = [{"step": s, "val/loss": 2.0 / s, "val/bleu": bleu * s / 200} for s in (100, 200)]
     (d / "metrics.json").write_text(json.dumps({
@@ -80,6 +81,32 @@ def test_report_on_fabricated_sweep(tmp_path):
 
 
 @pytest.mark.one_backend  # reads files; a TensorFlow run's files are the same format
+@pytest.mark.one_backend
+def test_variants_get_their_own_column_and_rows(tmp_path):
+    report = _report_module()
+    sweep = tmp_path / "variants"
+    arms = {"plain": ({}, {}), "dora": ({"dora": True}, {}), "pissa": ({"init": "pissa"}, {}),
+            "niter": ({"init": "pissa_niter_4"}, {}), "plus": ({}, {"lora_plus_ratio": 16}),
+            "mixed": ({"dora": True, "init": "olora", "base_quantization": "int8"}, {})}
+    for i, (name, (lora, trainer)) in enumerate(arms.items()):
+        for seed in (0, 1):
+            _fake_run(sweep / f"{name}{seed}", seed=seed, bleu=10.0 + i + seed, lora_extra=lora, trainer=trainer)
+    _fake_run(sweep / "rs", rslora=True)
+    rows = report.collect_dirs([sweep])
+    by_run = {r["run"].split("/")[-1]: r["variant"] for r in rows}
+    assert by_run == {**{f"{n}{s}": v for n, v in (("plain", "plain"), ("dora", "DoRA"), ("pissa", "PiSSA"),
+                                                      ("niter", "PiSSA(niter 4)"), ("plus", "LoRA+x16"),
+                                                      ("mixed", "DoRA+OLoRA+int8 base")) for s in (0, 1)},
+                      "rs": "rsLoRA"}
+    aggs = report.aggregate(rows)
+    labels = {a["label"]: (a["n"], a["bleu_mean"]) for a in aggs}
+    assert labels["all_linear r=8 α=16"] == (2, 10.5)
+    assert labels["all_linear r=8 α=16 DoRA"] == (2, 11.5) and labels["all_linear r=8 α=16 LoRA+x16"] == (2, 14.5)
+    assert len(aggs) == 7
+    report.write_csv(rows, tmp_path / "runs.csv")
+    assert "variant" in (tmp_path / "runs.csv").read_text().splitlines()[0].split(",")
+
+
 def test_report_reads_a_real_run_and_its_offline_wandb_files(compose, tmp_path, backend_name, lora3_cache, capsys):
     from lora3.run.job import run_job
 

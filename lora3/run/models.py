@@ -102,16 +102,17 @@ class ModelBundle:
     def fit_model(self):
         """The model `fit` and the teacher-forced evaluation run on.
 
-        Seq2seq: the task model. Decoder-only: `CompletionLM` over the same layers (variables
-        shared), whose logits exist only at the completion positions the loss uses, so a step
-        never builds the `(tokens, vocabulary)` array of every prompt position.
+        Seq2seq: the task model. Decoder-only: `CompletionLoss` over the same layers (variables
+        shared), which applies the output embedding only at the completion positions the loss
+        uses, a chunk of tokens at a time, so a step never builds the `(tokens, vocabulary)` logits
+        of every position, nor even those of the whole completion.
         """
         if self.kind != "causal":
             return self.model
         if self._fit_model is None:
-            from lora3.run.completion import CompletionLM  # keras is imported after the backend is chosen
+            from lora3.run.completion import CompletionLoss  # keras is imported after the backend is chosen
 
-            self._fit_model = CompletionLM(self.model)
+            self._fit_model = CompletionLoss(self.model)
         return self._fit_model
 
     def stop_token_ids(self) -> list[int]:
@@ -135,7 +136,7 @@ class ModelBundle:
         Seq2seq: encoder and decoder arrays, y the shifted decoder ids. Decoder-only: `token_ids`
         and `padding_mask` of `<bos> prompt completion <eos>` (prompt <= src_len tokens, completion
         with its <eos> <= tgt_len), `loss_positions` (n, tgt_len): the positions whose next token
-        is a completion token, and y / sample_weight at those positions (for `fit_model`).
+        is a completion token, `loss_labels` (= y), and y / sample_weight at those positions (for `fit_model`).
         overlong: `truncate` (cut to the limit), `drop` (leave the pair out) or `error`.
         Returns (x, y, sample_weight, stats) where stats counts tokens, truncated and dropped pairs.
         """
@@ -265,7 +266,8 @@ def _pack_causal(src, tgt, src_len, tgt_len, pad, bos, eos):
         positions[i, : len(t)] = np.arange(first, first + len(t))
         y[i, : len(t)] = t
         weight[i, : len(t)] = 1.0  # loss on the completion (and its <eos>) only
-    x = {"token_ids": ids, "padding_mask": mask, "loss_positions": positions}
+    # loss_labels: y again, as an input: the chunked loss (lora3.run.completion.CompletionLoss) needs them
+    x = {"token_ids": ids, "padding_mask": mask, "loss_positions": positions, "loss_labels": y.copy()}
     return x, y, weight
 
 

@@ -115,8 +115,11 @@ def compile_model(bundle, trainer: Mapping[str, Any], max_steps: int):
     if bundle.fit_model is bundle.model:
         bundle.model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics, sampler="greedy",
                              jit_compile=jit)
-    else:  # decoder-only: fit on the completion-logits view; generate with the task model
-        bundle.fit_model.compile(optimizer=optimizer, loss=loss, weighted_metrics=metrics, jit_compile=jit)
+    else:  # decoder-only: fit on the completion-loss view (chunked head); generate with the task model
+        from lora3.run.completion import completion_loss, completion_metrics
+
+        bundle.fit_model.compile(optimizer=optimizer, loss=completion_loss(), weighted_metrics=completion_metrics(),
+                                 jit_compile=jit)
         bundle.model.compile(sampler="greedy", jit_compile=jit)
     return optimizer
 

@@ -96,7 +96,9 @@ def test_completion_logits_equal_the_full_model_at_the_loss_positions(data, lora
     g = models.build(GEMMA_TINY, data.tokenizer_texts(), seed=0, cache_dir=lora3_cache)
     x, y, sw, _ = g.encode(data.inputs("train")[:4], data.targets("train")[:4], 24, 16)
     full = keras.ops.convert_to_numpy(g.model({"token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}))
-    picked = keras.ops.convert_to_numpy(g.fit_model(x))
+    from lora3.run.completion import CompletionLM
+
+    picked = keras.ops.convert_to_numpy(CompletionLM(g.model)(x))
     ref = np.take_along_axis(full, x["loss_positions"][..., None], axis=1)
     np.testing.assert_allclose(picked, ref, rtol=1e-5, atol=1e-5)
     tr.compile_model(g, {"lr": 1e-3, "warmup_steps": 0, "schedule": "constant", "min_lr_ratio": 0.0,

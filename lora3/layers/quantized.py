@@ -77,7 +77,9 @@ def float_policy(layer):
     policy = layer.dtype_policy
     if getattr(policy, "quantization_mode", None) is None:
         return policy
-    return keras.DTypePolicy(policy.name.split("_from_", 1)[1])
+    # From its dtypes, not its name: a quantized policy met on a reloaded layer had name=None here.
+    compute, variable = policy.compute_dtype, policy.variable_dtype
+    return keras.DTypePolicy(compute if compute == variable else f"mixed_{compute}")
 
 
 def kernel_product(layer, inputs, training=None):

@@ -11,8 +11,10 @@ from lora3.config import LoraConfig
 def count_params(variables) -> int:
     """The number of float parameters in `variables`, each variable counted once.
 
-    Integer variables (step counters, seeds) are not parameters; a variable
-    listed twice (shared weights) counts once.
+    Integer variables (step counters, seeds) are not parameters, except int8
+    ones: Keras' quantized kernels (`quantize("int8")`; an int4 kernel is
+    stored packed, two values a byte, so it counts half its values); a
+    variable listed twice (shared weights) counts once.
 
     Args:
         variables: iterable of keras variables (anything with `shape` and `dtype`).
@@ -29,7 +31,7 @@ def count_params(variables) -> int:
     """
     seen, total = set(), 0
     for v in variables:
-        if id(v) in seen or "float" not in str(v.dtype):
+        if id(v) in seen or ("float" not in str(v.dtype) and str(v.dtype) != "int8"):
             continue
         seen.add(id(v))
         total += math.prod(int(d) for d in v.shape)

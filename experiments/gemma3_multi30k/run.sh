@@ -3,6 +3,7 @@
 # An arm whose metrics.json exists is skipped, so the study runs in pieces (rerun this script).
 #   nice -n 10 bash experiments/gemma3_multi30k/run.sh          # all arms
 #   ARMS="frozen lora_all_linear_r8" bash experiments/gemma3_multi30k/run.sh
+#   ARMS="lora_all_linear_r8_int8 lora_all_linear_r8_int4" bash ...   # the same arm on Keras-quantized bases
 # Then: python scripts/report.py experiments/gemma3_multi30k/runs --out experiments/gemma3_multi30k
 set -u
 cd "$(dirname "$0")/../.."
@@ -16,6 +17,8 @@ declare -A ARGS=(
   [lora_qv_r8]="targets=qv rank=8 alpha=16 eval.before=false"
   [lora_all_linear_r1]="targets=all_linear rank=1 alpha=2 eval.before=false"
   [lora_all_linear_r32]="targets=all_linear rank=32 alpha=64 eval.before=false"
+  [lora_all_linear_r8_int8]="targets=all_linear rank=8 alpha=16 eval.before=false lora.base_quantization=int8"
+  [lora_all_linear_r8_int4]="targets=all_linear rank=8 alpha=16 eval.before=false lora.base_quantization=int4"
 )
 for arm in ${ARMS:-frozen lora_all_linear_r8 full lora_qv_r8 lora_all_linear_r1 lora_all_linear_r32}; do
   dir=$RUNS/$arm

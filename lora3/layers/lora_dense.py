@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from lora3.layers import quantized
 from lora3.layers.lora_layer import LoRALayer
 
 
@@ -62,6 +63,8 @@ class LoRADense(LoRALayer):
         return in_features, out_features
 
     def _apply_kernel(self, inputs):
+        if self.base_quantization is not None:
+            return quantized.kernel_product(self.wrapped, inputs)  # Keras' int8/int4 compute
         return ops.matmul(inputs, self.wrapped.kernel)
 
     def _lora_delta(self, x, adapter):
@@ -80,6 +83,8 @@ class LoRADense(LoRALayer):
         >>> tuple(LoRADense(dense, rank=1, alpha=1).kernel_matrix().shape)
         (4, 3)
         """
+        if self.base_quantization is not None:
+            return quantized.dequantized_kernel(self.wrapped, self.compute_dtype)
         return self.wrapped.kernel
 
     def _scale_to_output(self, scale):

@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from lora3.errors import LoraConfigError
+from lora3.layers import quantized
 from lora3.layers.lora_layer import LoRALayer
 
 
@@ -152,6 +153,8 @@ class LoRAEinsumDense(LoRALayer):
         self._einsum = analyze_equation(self.wrapped.equation, self.wrapped.kernel.shape)
 
     def _apply_kernel(self, inputs):
+        if self.base_quantization is not None:
+            return quantized.kernel_product(self.wrapped, inputs)  # Keras' int8/int4 compute
         return ops.einsum(self.wrapped.equation, inputs, self.wrapped.kernel)
 
     def _lora_delta(self, x, adapter):
@@ -177,7 +180,10 @@ class LoRAEinsumDense(LoRALayer):
         """
         info = self._info()
         inverse = tuple(sorted(range(len(info["to_kernel"])), key=info["to_kernel"].__getitem__))
-        matrix = ops.transpose(self.wrapped.kernel, inverse)
+        kernel = self.wrapped.kernel
+        if self.base_quantization is not None:
+            kernel = quantized.dequantized_kernel(self.wrapped, self.compute_dtype)
+        matrix = ops.transpose(kernel, inverse)
         return ops.reshape(matrix, (self.in_features, self.out_features))
 
     def _scale_to_output(self, scale):

@@ -50,6 +50,7 @@ from lora3.config import (
 )
 from lora3.errors import LoraConfigError
 from lora3.layers import base_init
+from lora3.layers import quantized
 
 # `(A, B)` arrays that `from_weights` hands to the `build` its constructor runs, so the
 # variables are created once from them (adapter loading), not drawn and then overwritten.
@@ -164,8 +165,10 @@ class LoRALayer(keras.layers.Layer):
 
     Args:
         layer: the `keras.layers.Dense` / `keras.layers.EinsumDense` to wrap
-            (the subclass's `wrapped_class`). It must not be quantized nor
-            have Keras' own LoRA enabled.
+            (the subclass's `wrapped_class`), float or quantized by Keras in
+            int8 / int4 (`layer.quantize("int8")`: the frozen path then runs
+            Keras' quantized compute, the LoRA branch stays float; see
+            `lora3.layers.quantized`), without Keras' own LoRA enabled.
         rank: int. Rank of the update, at most `min(in_features, out_features)`.
         alpha: float. Scaling numerator: `scaling = alpha / rank`.
         dropout: float. Dropout rate on the LoRA branch's input, in `[0, 1)`.
@@ -188,8 +191,9 @@ class LoRALayer(keras.layers.Layer):
         **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Raises:
-        LoraConfigError: a bad setting, a layer of the wrong kind, quantized,
-            with Keras' LoRA enabled, or too small for `rank`.
+        LoraConfigError: a bad setting, a layer of the wrong kind, quantized
+            in another mode than int8 / int4, with Keras' LoRA enabled, or too
+            small for `rank`.
 
     Example:
     >>> import keras, numpy as np
@@ -213,7 +217,7 @@ class LoRALayer(keras.layers.Layer):
         check_init(init)
         check_adapter_name(adapter_name)
         kwargs.setdefault("name", layer.name)
-        kwargs.setdefault("dtype", layer.dtype_policy)
+        kwargs.setdefault("dtype", quantized.float_policy(layer))  # the LoRA branch stays float on a quantized layer
         super().__init__(**kwargs)
         self.wrapped = layer
         # name -> AdapterWeights, in the order the adapters were added (which is also the order
@@ -335,8 +339,9 @@ class LoRALayer(keras.layers.Layer):
             `(in_features, out_features)` of the layer's matrix view.
 
         Raises:
-            LoraConfigError: the layer has the wrong type, is quantized, has
-                Keras' own LoRA enabled, or is too small for `rank`.
+            LoraConfigError: the layer has the wrong type, is quantized in a
+                mode other than int8 / int4, has Keras' own LoRA enabled, or is
+                too small for `rank`.
 
         Example:
         >>> import keras
@@ -363,11 +368,8 @@ class LoRALayer(keras.layers.Layer):
             raise LoraConfigError(
                 f"layer {name!r} has Keras' own LoRA enabled (enable_lora); use lora3 on a model without it"
             )
-        if getattr(layer, "quantization_mode", None) is not None:
-            raise LoraConfigError(
-                f"layer {name!r} is quantized (quantization_mode={layer.quantization_mode!r}); "
-                "lora3 adapts float layers only"
-            )
+        # Keras' int8 / int4 layers are wrapped (their quantized compute runs the frozen path); other modes are refused.
+        quantized.check_quantization(layer, name)
 
     # -- the adapters -----------------------------------------------------------
     @property
@@ -742,6 +744,14 @@ class LoRALayer(keras.layers.Layer):
         return self._active().lora_magnitude
 
     @property
+    def base_quantization(self):
+        """The wrapped layer's Keras quantization mode (`"int8"`, `"int4"`), or None for a float base.
+
+        Read from the wrapped layer each time: `model.quantize` on a wrapped model quantizes it in place.
+        """
+        return quantized.quantization_mode(self.wrapped)
+
+    @property
     def lora_params(self):
         """Number of the active adapter's parameters: `rank * (in_features + out_features)`, plus `out_features` with DoRA."""
         return self.rank * (self.in_features + self.out_features) + (self.out_features if self.dora else 0)
@@ -914,9 +924,16 @@ class LoRALayer(keras.layers.Layer):
 
         A second call does nothing, and so does a layer without the active
         adapter. Example: see `unmerge`.
+
+        Raises:
+            LoraConfigError: the wrapped kernel is quantized (int8 / int4):
+                the message says why lora3 does not merge into it and what
+                to do (merge on the float base).
         """
         if self.merged or self.active_adapter not in self._adapters:
             return
+        if self.base_quantization is not None:
+            raise LoraConfigError(quantized.merge_refusal(self.path or self.name, self.base_quantization))
         kernel = self.wrapped._kernel  # the variable (`kernel` is a read-only property)
         adapter = self._active()
         if adapter.dora:
@@ -951,6 +968,8 @@ class LoRALayer(keras.layers.Layer):
         """
         if not self.merged:
             return
+        if self.base_quantization is not None:  # merged, then the base was quantized (model.quantize)
+            raise LoraConfigError(quantized.merge_refusal(self.path or self.name, self.base_quantization))
         kernel = self.wrapped._kernel
         adapter = self._active()
         if adapter.dora:

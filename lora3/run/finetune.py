@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
 
 import lora3
 from lora3.errors import AdapterError
@@ -21,6 +24,7 @@ from lora3.fileio import atomic_write_text, staged_dir
 from lora3.run import gemma3_gguf, models, pretrain, schema
 from lora3.run import train as tr
 from lora3.run.data import resolve_path
+from lora3.surgery import backbone_of
 
 log = logging.getLogger("lora3")
 
@@ -70,15 +74,44 @@ def _count(weights) -> int:
     return int(sum(math.prod(v.shape) for v in weights))
 
 
+def _nbytes(weights) -> int:
+    """Bytes the variables hold (int8 kernels 1 per element, int4 packed 2 per byte, float32 4)."""
+    def itemsize(dtype):
+        try:
+            return np.dtype(dtype).itemsize
+        except TypeError:  # "bfloat16" is no numpy dtype name
+            return 2
+    return int(sum(math.prod(v.shape) * itemsize(v.dtype) for v in weights))
+
+
+def quantize_base(model, mode: str) -> dict:
+    """`lora.base_quantization`: Keras' own `model.quantize(mode)` on the loaded base, before the surgery.
+
+    Keras quantizes every Dense, EinsumDense and (Reversible)Embedding layer it finds (the token embedding,
+    and with it Gemma's tied output head, included); norms and biases stay float. Returns the weight
+    bytes before and after, for metrics.json.
+    """
+    before = _nbytes(model.weights)
+    with warnings.catch_warnings():  # one "does not have a `quantize()` method" warning per other leaf layer
+        warnings.filterwarnings("ignore", message=r".*quantize.*")
+        backbone_of(model).quantize(mode)  # the task's own quantize walks its tokenizer too, unbuilt: refused
+    after = _nbytes(model.weights)
+    log.info("lora.base_quantization=%s: model weights %.1f MB -> %.1f MB", mode, before / 1e6, after / 1e6)
+    return {"base_quantization": mode, "weight_bytes_float": before}
+
+
 def prepare(bundle, plain: Mapping[str, Any], out: Path) -> dict:
     """Applies the run's choice to `bundle.model`; returns the parameter counts for metrics.json."""
     model, mode, adapter_dir = bundle.model, plain["finetune"], plain["eval"].get("adapter")
+    quant = (plain.get("lora") or {}).get("base_quantization") or "none"
+    memory = quantize_base(model, quant) if quant != "none" else {}
     if adapter_dir:  # a saved adapter scored alone (lora=none eval.adapter=<dir>): its surgery replayed, frozen
         report = lora3.load_adapter(model, resolve_path(adapter_dir, what="eval.adapter"), trainable=False)
         print(report.table(max_rows=4), flush=True)
         total = _count(model.weights)
         return {"trainable": 0, "total": total, "trainable_percent": 0.0, "lora": report.lora_params,
-                "adapted_layers": len(report.rows), "adapter": str(adapter_dir)}
+                "adapted_layers": len(report.rows), "adapter": str(adapter_dir), **memory,
+                "weight_bytes": _nbytes(model.weights)}
     if mode == "lora":
         init_from = plain["lora"].get("init_from")
         if init_from:  # training goes on from a saved adapter (lora3's or PEFT's format): its surgery, its values
@@ -91,10 +124,12 @@ def prepare(bundle, plain: Mapping[str, Any], out: Path) -> dict:
         atomic_write_text(out / "lora_report.txt", report.table() + "\n")
         return {"trainable": report.trainable_params, "total": report.total_params,
                 "trainable_percent": report.percent, "lora": report.lora_params,
-                "adapted_layers": len(report.rows), **({"init_from": str(init_from)} if init_from else {})}
+                "adapted_layers": len(report.rows), **({"init_from": str(init_from)} if init_from else {}),
+                **memory, "weight_bytes": _nbytes(model.weights)}
     model.trainable = mode == "full"
     total, trainable = _count(model.weights), _count(model.trainable_weights)
-    return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / total if total else 0.0}
+    return {"trainable": trainable, "total": total, "trainable_percent": 100.0 * trainable / total if total else 0.0,
+            **memory, "weight_bytes": _nbytes(model.weights)}
 
 
 def max_steps(plain: Mapping[str, Any]) -> int:

@@ -43,6 +43,7 @@ from lora3.errors import Lora3Error, LoraConfigError
 BACKENDS = ("jax", "tensorflow")
 FINETUNE = ("lora", "full", "none")
 EXPORTS = ("none", "peft")
+BASE_QUANTIZATIONS = ("none", "int8", "int4")  # Keras' model.quantize modes lora3 wraps (lora.base_quantization)
 WANDB_MODES = ("offline", "online", "disabled")
 FAMILIES = ("t5", "gemma", "gemma3")
 DATA_SOURCES = ("synthetic", "files", "jsonl", "wmt16")
@@ -289,10 +290,13 @@ class RunLoraConfig(LoraConfig):
         init_from: an adapter directory (lora3's or PEFT's format) to start training from, instead of
             a fresh adapter; its rank, alpha and layers are the run's.
         export: `none`, or `peft` to also write the trained adapter in PEFT's format (`adapter_peft/`).
+        base_quantization: `none`, `int8` or `int4`: the base model is quantized by Keras
+            (`model.quantize`) after loading, before the surgery; the LoRA branch stays float.
     """
 
     init_from: Optional[str] = None
     export: str = "none"
+    base_quantization: str = "none"
 
     def __post_init__(self):
         super().__post_init__()
@@ -307,6 +311,9 @@ class RunLoraConfig(LoraConfig):
             raise LoraConfigError(
                 f"init_from={self.init_from!r} trains on from a saved adapter, which brings its own init and "
                 f"dora setting; {setting} cannot apply to it: drop lora.{setting.split('=')[0]} or lora.init_from")
+        if self.base_quantization not in BASE_QUANTIZATIONS:
+            raise LoraConfigError(f"base_quantization must be one of {', '.join(BASE_QUANTIZATIONS)} (Keras' "
+                                  f"model.quantize modes), got base_quantization={self.base_quantization!r}")
 
 
 class AppConfig(_Node):
@@ -363,6 +370,9 @@ class AppConfig(_Node):
                 problems.append(f"lora.{key}={value!r} needs an adapter to train (finetune=lora), not "
                                 f"finetune={self.finetune}" + (": to score an adapter alone use lora=none "
                                                                "eval.adapter=<dir>" if key == "init_from" else ""))
+        if self.lora.base_quantization != "none" and self.finetune == "full":
+            problems.append(f"lora.base_quantization={self.lora.base_quantization} freezes the quantized weights: "
+                            "full fine-tuning (lora=full) cannot train them; use lora=default or base_quantization=none")
         if self.distribution.mode != "none" and self.backend != "jax":
             mode = self.distribution.mode
             problems.append(

@@ -276,10 +276,10 @@ def test_unload_puts_the_base_back_without_merging():
     assert len(lora3.lora_layers(model)) == 1
 
 
-def test_a_quantized_layer_is_refused_before_any_change():
+def test_a_float8_quantized_layer_is_refused_before_any_change():
     model = two_projection_model()
-    model.get_layer("block").heads.quantize("int8")
-    with pytest.raises(lora3.LoraConfigError, match=re.escape("layer 'block/heads' is quantized")):
+    model.get_layer("block").heads.quantize("float8")  # lora3 wraps int8 / int4 layers, not float8
+    with pytest.raises(lora3.LoraConfigError, match=re.escape("layer 'block/heads' is quantized with quantization_mode='float8'")):
         lora3.apply_lora(model, lora3.LoraConfig(rank=1, targets=r"block/.*"))
     assert not lora3.lora_layers(model) and lora_state(model) is None
 

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from lora3.layers import quantized
+import lora3.layers.quantized as quantized
 from lora3.layers.lora_layer import LoRALayer
 
 

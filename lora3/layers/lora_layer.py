@@ -49,8 +49,8 @@ from lora3.config import (
     variable_suffix,
 )
 from lora3.errors import LoraConfigError
-from lora3.layers import base_init
-from lora3.layers import quantized
+import lora3.layers.base_init as base_init
+import lora3.layers.quantized as quantized
 
 # `(A, B)` arrays that `from_weights` hands to the `build` its constructor runs, so the
 # variables are created once from them (adapter loading), not drawn and then overwritten.

@@ -8,7 +8,7 @@ over such a layer runs the frozen path through Keras' own quantized compute (`qu
 int8 inputs times int8 kernel for int8, with Keras' custom gradient for the inputs), never a
 dequantized copy of the kernel, and keeps its LoRA branch (A, B, DoRA's magnitude) in the
 compute dtype. This is QLoRA's recipe (Dettmers et al. 2023, arXiv:2305.14314) without its
-4-bit NormalFloat, which Keras does not have (keras-hub issue 1537).
+4-bit NormalFloat, which Keras does not have.
 
 Only DoRA's weight norm and `kernel_matrix()` read the dequantized kernel (`dequantized_kernel`),
 as PEFT dequantizes a bitsandbytes weight for DoRA.

@@ -24,7 +24,6 @@ from lora3.fileio import atomic_write_text, staged_dir
 from lora3.run import gemma3_gguf, models, pretrain, schema
 from lora3.run import train as tr
 from lora3.run.data import resolve_path
-from lora3.surgery import backbone_of
 
 log = logging.getLogger("lora3")
 
@@ -94,6 +93,8 @@ def quantize_base(model, mode: str) -> dict:
     before = _nbytes(model.weights)
     with warnings.catch_warnings():  # one "does not have a `quantize()` method" warning per other leaf layer
         warnings.filterwarnings("ignore", message=r".*quantize.*")
+        from lora3.surgery import backbone_of  # keras is imported after the backend is chosen
+
         backbone_of(model).quantize(mode)  # the task's own quantize walks its tokenizer too, unbuilt: refused
     after = _nbytes(model.weights)
     log.info("lora.base_quantization=%s: model weights %.1f MB -> %.1f MB", mode, before / 1e6, after / 1e6)

@@ -21,8 +21,8 @@ from lora3.errors import AdapterError, LoraConfigError
 from lora3.layers import LoRADense, LoRAEinsumDense
 from lora3.peft_format import PEFT_CONFIG_NAME, save_peft_adapter
 from lora3.surgery import lora_layers
-from tests.library.test_dora import _logits_tensor, grads_of
-from tests.library.test_peft_format import _hf, hf_config, hf_logits, hf_model, keras_logits, keras_model, rel
+from tests.library.test_dora import _logits_tensor, grads_of, hf_dirs  # noqa: F401 (hf_dirs: the fixture)
+from tests.library.test_peft_format import _hf, hf_logits, hf_model, keras_logits, keras_model, rel
 from tests.tiny import t5_backbone, t5_inputs
 
 np_ = keras.ops.convert_to_numpy
@@ -178,18 +178,6 @@ def test_quantized_kernels_are_refused():
 
 
 # -- against PEFT ---------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    torch, _, transformers = _hf()
-    dirs = {}
-    for family, cls in (("t5", transformers.T5ForConditionalGeneration), ("gemma", transformers.GemmaForCausalLM)):
-        torch.manual_seed(0)
-        out = tmp_path_factory.mktemp(f"hf_{family}")
-        cls(hf_config(family)).eval().save_pretrained(out, safe_serialization=True)
-        dirs[family] = out
-    return dirs
-
 
 MODULES = {"t5": ["q", "v", "wo"], "gemma": ["q_proj", "o_proj", "down_proj"]}
 TARGETS = {"t5": ["q", "v", "down"], "gemma": ["q", "o", "down"]}

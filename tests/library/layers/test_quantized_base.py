@@ -16,27 +16,11 @@ import pytest
 import lora3
 from lora3.errors import LoraConfigError
 from lora3.layers import LoRADense, LoRAEinsumDense
-from tests.tiny import backend, gemma_backbone, gemma_inputs, randomize_lora
+from tests.library.test_dora import grads_of
+from tests.tiny import gemma_backbone, gemma_inputs, randomize_lora
 
 np_ = keras.ops.convert_to_numpy
 EPS = 1e-7  # keras.backend.epsilon(), in Keras' absmax quantizer
-
-
-def grads_of(loss_fn, variables):
-    """Gradients of `loss_fn()` with respect to keras `variables` (numpy), on JAX or TensorFlow."""
-    if backend() == "jax":
-        import jax
-
-        def f(values):
-            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return loss_fn()
-
-        return [np.asarray(g) for g in jax.grad(f)([v.value for v in variables])]
-    import tensorflow as tf
-
-    with tf.GradientTape() as tape:
-        loss = loss_fn()
-    return [np.asarray(g) for g in tape.gradient(loss, [v.value for v in variables])]
 
 
 def absmax(x, axis, top, bottom=None):

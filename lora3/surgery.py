@@ -22,6 +22,7 @@ adapters is in `lora3.adapter_set`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import NamedTuple
@@ -34,7 +35,10 @@ from lora3.errors import LoraConfigError
 from lora3.fileio import atomic_write_text
 from lora3.layers import LoRADense, LoRAEinsumDense, LoRALayer
 from lora3.layers.lora_layer import _check_float_kernel
+from lora3.layers.quantized import differentiable_head
 from lora3.report import AdaptedLayer, LoraReport, count_params
+
+log = logging.getLogger(__name__)
 
 # The attribute of the model that holds its `LoraState`, and the file that state becomes in a
 # `.keras` archive (`assets/<attribute path>/_lora3/lora3.json`).
@@ -477,6 +481,7 @@ def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None,
     6
     """
     check_adapter_name(adapter_name)
+    _differentiable_heads(model)
     state = lora_state(model)
     if state is not None:
         return _add_adapter(model, state, config, planned, initial_weights, adapter_name)
@@ -500,6 +505,15 @@ def apply_plan(model, config: LoraConfig, planned: dict, initial_weights=None,
     object.__setattr__(model, STATE_ATTR, LoraState(config, roles, flags, wrapped_trainable, adapter_name))
     reset_compiled_functions(model)
     return make_report(model, adapter_name)
+
+
+def _differentiable_heads(model):
+    """A quantized tied output head of `model` made weight-only, so that training through it gets the
+    true gradient (Keras' quantized reverse projection has none for its inputs: `differentiable_head`)."""
+    for layer in model._flatten_layers(include_self=False):
+        if differentiable_head(layer):
+            log.info("%s: Keras' %s output head made weight-only (its inputs quantizer passes no gradient)",
+                     layer.path, layer.quantization_mode)
 
 
 def _add_adapter(model, state, config, planned, initial_weights, adapter_name):

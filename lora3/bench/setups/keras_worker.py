@@ -23,9 +23,11 @@ import lora3
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lora3.bench.setups.common import (  # noqa: E402
-    MODELS, SETUPS, TIMELINE, batch_arrays, current_rss_mb, main, start_timed_phase, summarize_steps,
-    time_steps,
+    ALL_SETUPS, CAUSAL_MODELS, FULL_LOGITS, MODELS, TIMELINE, batch_arrays, causal_batch, current_rss_mb,
+    is_causal, main, start_timed_phase, summarize_steps, time_steps,
 )
+
+SETUPS = ALL_SETUPS
 
 
 def _keras():
@@ -39,6 +41,8 @@ def build_model(spec):
     import keras_hub
 
     keras.utils.set_random_seed(spec["seed"])
+    if is_causal(spec["model"]):
+        return build_causal(spec)
     arch = MODELS[spec["model"]]
     backbone = keras_hub.models.T5Backbone(
         **arch,
@@ -49,6 +53,43 @@ def build_model(spec):
         dtype=spec.get("dtype", "float32"),
     )
     return keras_hub.models.T5Seq2SeqLM(backbone=backbone, preprocessor=None)
+
+
+def build_causal(spec):
+    """Gemma 3 as keras-hub's `Gemma3CausalLM` (no preprocessor): the real 270M from lora3's cached
+    preset of the PyPI GGUF (converted once), or the random tiny stand-in."""
+    import keras_hub
+
+    m = CAUSAL_MODELS[spec["model"]]
+    if m["gguf"]:
+        from lora3.run import gemma3_gguf
+        from lora3.run.cache import default_cache_dir
+
+        preset = gemma3_gguf.ensure_preset(gemma3_gguf.packaged_gguf(), default_cache_dir())
+        backbone = keras_hub.models.Gemma3Backbone.from_preset(str(preset), dtype=spec.get("dtype", "float32"))
+    else:
+        backbone = keras_hub.models.Gemma3Backbone(**m["arch"], dropout=spec.get("dropout", 0.0),
+                                                   dtype=spec.get("dtype", "float32"))
+    return keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+
+
+def train_batch(spec):
+    """(x, y, sample_weight) of the setup's training step."""
+    if is_causal(spec["model"]):
+        return causal_batch(spec, full_logits=spec["setup"] in FULL_LOGITS)
+    arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
+    y = arrays.pop("labels")
+    return arrays, y, None
+
+
+def fit_model(spec, model):
+    """The model `train_on_batch` runs: lora3's completion-loss view for a decoder-only model
+    (what the app fits), the task model itself otherwise (and for `*-full_logits`)."""
+    if is_causal(spec["model"]) and spec["setup"] not in FULL_LOGITS:
+        from lora3.run.completion import CompletionLoss
+
+        return CompletionLoss(model)
+    return model
 
 
 def _count(variables):
@@ -101,6 +142,11 @@ def prepare(spec, model):
     if kind == "lora3":
         report = lora3.apply_lora(model, lora3.LoraConfig(rank=spec["rank"], alpha=spec["alpha"], targets=targets))
         return len(report.rows)
+    if kind == "keras" and is_causal(spec["model"]):
+        # Keras' own LoRA as keras-hub users call it: the backbone's default names (`query`, `value`
+        # on Gemma: q and v only), alpha = rank (keras-hub passes none); everything else frozen.
+        model.backbone.enable_lora(spec["rank"])
+        return len(model.backbone._lora_enabled_layers)
     if kind == "keras":
         return enable_keras_lora(model, targets, spec["rank"], spec["alpha"])
     raise ValueError(f"setup {spec['setup']!r} is not a Keras setup")
@@ -108,6 +154,17 @@ def prepare(spec, model):
 
 def compile_model(model, spec):
     keras = _keras()
+    if is_causal(spec["model"]):
+        # As lora3.run.train.compile_model (no metrics: none of the setups computes any): the completion
+        # loss, or keras-hub's full-logit cross-entropy averaged over the weighted (completion) tokens.
+        from lora3.run.completion import CompletionLoss, completion_loss
+
+        if isinstance(model, CompletionLoss):
+            loss = completion_loss()
+        else:
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="mean_with_sample_weight")
+        model.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-4), loss=loss, jit_compile=True)
+        return
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -117,7 +174,7 @@ def compile_model(model, spec):
     )
 
 
-def lower_train_step(model, x, y):
+def lower_train_step(model, x, y, sw=None):
     """The train step `train_on_batch` jits (JAX), lowered for this model's state and batch: for
     XLA's cost and memory analyses. The model must have run one step (the optimizer state exists)."""
     import jax
@@ -128,13 +185,13 @@ def lower_train_step(model, x, y):
         [v.value for v in model.optimizer.variables],
         [v.value for v in model.metrics_variables],
     )
-    return jax.jit(model.train_step).lower(state, (x, y, None))
+    return jax.jit(model.train_step).lower(state, (x, y, sw))
 
 
-def jax_step_flops(model, x, y, how="lowered"):
+def jax_step_flops(model, x, y, how="lowered", sw=None):
     """FLOPs of one train step (the function `train_on_batch` jits), from XLA's cost analysis
     of the lowered HLO, or of the compiled executable (`how="compiled"`: a second compile)."""
-    lowered = lower_train_step(model, x, y)
+    lowered = lower_train_step(model, x, y, sw)
     cost = lowered.cost_analysis() if how == "lowered" else None
     if cost is None:  # the GPU backend gives no analysis of lowered HLO: compile it
         cost = lowered.compile().cost_analysis()
@@ -143,36 +200,35 @@ def jax_step_flops(model, x, y, how="lowered"):
     return float((cost or {}).get("flops", 0.0)) or None
 
 
-def count_step_flops(model, x, y, spec):
+def count_step_flops(model, x, y, spec, sw=None):
     """{"flops_per_step": ...} on JAX unless `spec["flops"]` is "none"; cost analysis is best
     effort, so a failure is reported as {"flops_error": ...} instead of stopping the setup."""
     how = spec.get("flops", "lowered")
     if _keras().backend.backend() != "jax" or how == "none":
         return {}
     try:
-        return {"flops_per_step": jax_step_flops(model, x, y, how)}
+        return {"flops_per_step": jax_step_flops(model, x, y, how, sw)}
     except Exception as exc:
         return {"flops_error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def run_train(spec):
-    arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
-    y = arrays.pop("labels")
-    x = arrays
+    x, y, sw = train_batch(spec)
     t0 = time.perf_counter()
     model = build_model(spec)
     adapted = prepare(spec, model)
+    model = fit_model(spec, model)
     compile_model(model, spec)
     build_s = time.perf_counter() - t0
     rss_after_build = current_rss_mb()  # imports + model: what every setup pays before training
 
     def step():
-        model.train_on_batch(x, y)
+        model.train_on_batch(x, y, sample_weight=sw)
 
     flops = {}
 
     def count_flops():  # untimed: before this worker's turn to time its steps
-        flops.update(count_step_flops(model, x, y, spec))
+        flops.update(count_step_flops(model, x, y, spec, sw))
 
     first, times = time_steps(step, spec["warmup"], spec["steps"], before_timing=count_flops)
     out = summarize_steps(spec, first, times)
@@ -274,30 +330,31 @@ def run_round_robin(spec):
     (setup, rank) pairs. Every model is built, compiled, warmed up and its FLOPs counted, then the
     timed steps go round-robin (one step per model per round, alternate rounds reversed), so the
     ratios between them carry no process-to-process variation. The rank sweep is one of these."""
-    arrays = batch_arrays(spec, MODELS[spec["model"]]["vocabulary_size"])
-    y = arrays.pop("labels")
-    x = arrays
     points = [tuple(p) for p in spec["points"]]
-    models, compile_s, flops = {}, {}, {}
+    models, compile_s, flops, batches = {}, {}, {}, {}
     for setup, rank in points:
         s = dict(spec, setup=setup, rank=rank)
+        x, y, sw = batches[setup, rank] = train_batch(s)
         model = build_model(s)
         prepare(s, model)
+        model = fit_model(s, model)
         compile_model(model, s)
         t0 = time.perf_counter()
-        model.train_on_batch(x, y)
+        model.train_on_batch(x, y, sample_weight=sw)
         compile_s[setup, rank] = time.perf_counter() - t0
         for _ in range(max(spec["warmup"] - 1, 0)):
-            model.train_on_batch(x, y)
+            model.train_on_batch(x, y, sample_weight=sw)
         models[setup, rank] = model
     for key, model in models.items():  # untimed, before the gate
-        flops[key] = count_step_flops(model, x, y, spec)
+        x, y, sw = batches[key]
+        flops[key] = count_step_flops(model, x, y, spec, sw)
     start_timed_phase()
     times = {key: [] for key in models}
     for i in range(spec["steps"]):
         for key in (points if i % 2 == 0 else points[::-1]):
+            x, y, sw = batches[key]
             t0 = time.perf_counter()
-            models[key].train_on_batch(x, y)
+            models[key].train_on_batch(x, y, sample_weight=sw)
             times[key].append(time.perf_counter() - t0)
     TIMELINE["timed_end_unix"] = time.time()
     out = []

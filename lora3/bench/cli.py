@@ -82,13 +82,13 @@ TRAIN_TARGETS = (
     ("all_linear step / PEFT all-linear step", "lora3-all_linear", "peft-all_linear", 0.80),
     ("qv step / full step", "lora3-qv", "full", 0.50),
 )
-# CPU floor targets on FLAN-T5-small (issue 18): a LoRA step over the frozen-floor step of the same run.
+# CPU floor targets on FLAN-T5-small: a LoRA step over the frozen-floor step of the same run.
 # (label, numerator, limit per backend)
 FLOOR_TARGETS = (
     ("qv step / frozen-floor step", "lora3-qv", {"jax": 1.05}),
     ("all_linear step / frozen-floor step", "lora3-all_linear", {"jax": 1.10, "tensorflow": 1.15}),
 )
-# Decoder-only (Gemma 3 270M, issue 18 point 1): (label, numerator, denominator, field, JAX limit);
+# Decoder-only (Gemma 3 270M): (label, numerator, denominator, field, JAX limit);
 # TensorFlow's limit is 15% above.
 CAUSAL_TARGETS = (
     ("lora3 step / full-logit step", "lora3-all_linear", "lora3-all_linear-full_logits", "median_step_s", 0.65),
@@ -627,7 +627,7 @@ def check_targets(records, rank_scaling, round_robin, inference, args):
 
 
 def check_causal_targets(rec, args):
-    """Gemma 3's targets (issue 18 point 1): lora3's step and peak RSS over the full-logit loss's and
+    """Gemma 3's targets: lora3's step and peak RSS over the full-logit loss's and
     PEFT's, on each Keras backend (TensorFlow: 15% above JAX's limit)."""
     out = []
     for backend in args.backends:
@@ -738,7 +738,7 @@ def prepare_hf_dir(args):
     """The real Gemma 3 270M as a Hugging Face directory for PEFT (written once into lora3's cache by a
     child process, so this process stays small): sets `args.hf_dir`, or `args.hf_dir_error` (PEFT is
     then skipped with that note)."""
-    code = "from lora3.bench.setups.common import gemma3_hf_dir; print(gemma3_hf_dir())"
+    code = "from lora3.run import gemma3_gguf as g; print(g.ensure_hf_dir(g.packaged_gguf()))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     lines = proc.stdout.strip().splitlines()

@@ -294,3 +294,17 @@ def ensure_preset(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | N
         if not (target / "lora3_gguf.json").is_file():
             convert(gguf_path, target, sha256=digest)
     return target
+
+
+def ensure_hf_dir(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The same weights as a float32 Hugging Face directory (for transformers / PEFT), written once under
+    `<cache>/gguf/hf-gemma3-<sha256[:16]>-c<converter>` (staged, then renamed). Returns its path."""
+    root = Path(cache_dir or default_cache_dir()) / "gguf"
+    target = root / f"hf-gemma3-{sha256_file(gguf_path)[:16]}-c{CONVERTER_VERSION}"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    stage = root / f".{target.name}.{os.getpid()}"
+    write_hf_dir(gguf_path, stage)
+    os.replace(stage, target)
+    return target

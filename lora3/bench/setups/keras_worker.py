@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 import lora3
+from lora3.run.cache import default_cache_dir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -62,8 +63,7 @@ def build_causal(spec):
 
     m = CAUSAL_MODELS[spec["model"]]
     if m["gguf"]:
-        from lora3.run import gemma3_gguf
-        from lora3.run.cache import default_cache_dir
+        from lora3.run import gemma3_gguf  # the app extra (sentencepiece): only for the real model
 
         preset = gemma3_gguf.ensure_preset(gemma3_gguf.packaged_gguf(), default_cache_dir())
         backbone = keras_hub.models.Gemma3Backbone.from_preset(str(preset), dtype=spec.get("dtype", "float32"))

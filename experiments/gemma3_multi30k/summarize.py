@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ARMS = ["frozen", "lora_qv_r8", "lora_all_linear_r1", "lora_all_linear_r8", "lora_all_linear_r32", "full"]
+ARMS = ["frozen", "lora_qv_r8", "lora_all_linear_r1", "lora_all_linear_r8", "lora_all_linear_r32", "full",
+        "lora_all_linear_r8_int8", "lora_all_linear_r8_int4"]
 SAMPLES = [0, 1, 2, 7, 42]
 
 

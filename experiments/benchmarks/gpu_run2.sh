@@ -2,12 +2,7 @@
 # Second GPU call: executed FLOPs (XLA cost analysis of the compiled step) for the fast setups, for MFU,
 # and the tutorial recipe's measured memory. Same set-up as gpu_run.sh.
 set -u
-OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD"
-fi
-export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+. "$(dirname "$0")/gpu_env.sh"
 timeout 200 python3 -m lora3.bench --model base --backends jax --setups lora3-qv,lora3-all_linear,forward-only \
   --batch 32 --enc-len 512 --dec-len 512 --dtype mixed_bfloat16 --peak-tflops 989 --repeats 1 --warmup 3 --steps 10 \
   --ranks "" --inference-backends "" --generate-rounds 0 --flops compiled --timeout 100 --out "$OUT/bench_gpu_flops.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_gpu_flops.log"

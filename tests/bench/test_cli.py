@@ -31,6 +31,15 @@ RECORD_FIELDS = {
 }
 
 
+def run_bench(args, out, timeout):
+    """`python -m lora3.bench *args` on this pass's backend: (the finished process, its JSON report)."""
+    env = dict(os.environ, KERAS_BACKEND=BACKEND)
+    proc = subprocess.run([sys.executable, "-m", "lora3.bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
@@ -44,11 +53,7 @@ def bench(tmp_path_factory):
         "--inference-targets", "all_linear", "--inference-rounds", "1", "--generate-rounds", "1", "--generate-variants", "base",
         "--prepare", "2", "--out", str(out),
     ]
-    env = dict(os.environ, KERAS_BACKEND=BACKEND)
-    proc = subprocess.run([sys.executable, "-m", "lora3.bench", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads(out.read_text())
+    return run_bench(args, out, timeout=600)
 
 
 def test_exits_zero_and_prints_tables(bench):
@@ -186,11 +191,7 @@ def gemma_bench(tmp_path_factory):
     args = ["--model", "gemma3_tiny", "--batch", "2", "--prompt-len", "5", "--completion-len", "3",
             "--warmup", "2", "--steps", "1", "--setups", ",".join(GEMMA_SETUPS), "--prepare", "3",
             "--flops", "none", "--out", str(out)]
-    env = dict(os.environ, KERAS_BACKEND=BACKEND)
-    proc = subprocess.run([sys.executable, "-m", "lora3.bench", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads(out.read_text())
+    return run_bench(args, out, timeout=300)
 
 
 def test_gemma_records_ratios_and_targets(gemma_bench):

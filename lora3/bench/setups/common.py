@@ -60,12 +60,9 @@ SETUPS = {
 # keras-hub's default names (`query`, `value`): q and v only, so it pairs with `lora3-qv`, not with
 # all_linear. `peft-all_linear`: PEFT on Hugging Face's Gemma 3, q,k,v,o,gate,up,down, HF's own loss.
 CAUSAL_SETUPS = {
-    "full": ("full", None),
-    "lora3-qv": ("lora3", "qv"),
-    "lora3-all_linear": ("lora3", "all_linear"),
-    "lora3-all_linear-full_logits": ("lora3", "all_linear"),
-    "keras-qv": ("keras", "qv"),
-    "peft-all_linear": ("peft", "all_linear"),
+    **{name: SETUPS[name] for name in ("full", "lora3-qv", "lora3-all_linear")},
+    "lora3-all_linear-full_logits": SETUPS["lora3-all_linear"],
+    **{name: SETUPS[name] for name in ("keras-qv", "peft-all_linear")},
 }
 FULL_LOGITS = {"lora3-all_linear-full_logits"}
 ALL_SETUPS = {**SETUPS, **CAUSAL_SETUPS}

@@ -50,14 +50,34 @@ class CompletionLM(keras.Model):
         return backbone.token_embedding(picked, reverse=True)               # (batch, k, vocabulary)
 
 
-# Tokens per chunk of the chunked loss: at most this many float32 logits exist at once
-# (16M floats = 64 MiB: 64 tokens of Gemma 3's 262,144-token vocabulary).
+# Logits of one chunk of the chunked loss: at most this many float32 values exist at once
+# (16M floats = 64 MiB: e.g. 288 tokens x 32,768 entries of Gemma 3's 262,144-token vocabulary).
 CHUNK_LOGITS = 2**24
+# Tokens per block: the vocabulary products run on blocks this tall (taller blocks run the two
+# matmuls more efficiently on CPU; the vocabulary chunk shrinks to keep the budget).
+TOKEN_BLOCK = 1024
 
 
-def chunk_tokens_for(vocabulary_size: int, budget: int = CHUNK_LOGITS) -> int:
-    """Tokens per chunk so that one chunk's `(tokens, vocabulary)` logits hold at most `budget` values."""
-    return max(1, int(budget) // max(1, int(vocabulary_size)))
+def chunk_sizes(tokens: int | None, vocabulary_size: int, *, chunk_tokens: int | None = None,
+                chunk_vocab: int | None = None, budget: int = CHUNK_LOGITS) -> tuple[int, int]:
+    """`(tokens per block, vocabulary rows per chunk)` with `block x chunk <= budget` logits.
+
+    The vocabulary is cut into equal chunks where a divisor allows, else near-equal ones (the last
+    one shorter).
+    `tokens` may be None (a batch TensorFlow traces as unknown): blocks of `TOKEN_BLOCK` then.
+
+    >>> chunk_sizes(288, 262_144)
+    (288, 32768)
+    """
+    t = int(chunk_tokens or min(tokens or TOKEN_BLOCK, TOKEN_BLOCK))
+    t = max(1, min(t, tokens) if tokens else t)
+    vocab = int(vocabulary_size)
+    most = max(1, min(int(chunk_vocab or budget // t), vocab))
+    fewest = -(-vocab // most)
+    # Chunks that divide the vocabulary, if at most twice as many do: no ragged tail step (its
+    # buffers would come on top of the loop's)
+    pieces = next((p for p in range(fewest, 2 * fewest + 1) if vocab % p == 0), fewest)
+    return t, -(-vocab // pieces)
 
 
 def _chunk_logits(h, kernel, soft_cap):
@@ -70,38 +90,86 @@ def _chunk_logits(h, kernel, soft_cap):
     return t * soft_cap, t
 
 
-def _chunk_stats(z, y):
-    """Per-token cross-entropy, whether the label has the top logit, and the log-sum-exp."""
-    top = ops.max(z, axis=-1)
-    lse = ops.log(ops.sum(ops.exp(z - top[:, None]), axis=-1)) + top
-    zy = ops.take_along_axis(z, y[:, None], axis=-1)[:, 0]
-    return lse - zy, ops.cast(zy >= top, "float32"), lse
+def _vocab_chunks(kernel, rows):
+    """`(start, size)` of the loop's chunks and of the ragged tail: `kernel` is read in place by
+    dynamic slices (a reshape would copy the whole kernel when `rows` does not divide it)."""
+    vocab = int(kernel.shape[0])
+    return vocab // rows, rows, vocab - (vocab // rows) * rows
 
 
-def chunked_token_loss(hidden, labels, kernel, *, chunk_tokens, soft_cap=None, kernel_grad=True,
-                       training=True):
-    """Per-token softmax cross-entropy of the logits `hidden @ kernel.T`, `chunk_tokens` tokens at a
-    time, so the `(tokens, vocabulary)` logits never exist whole: at most one chunk's do.
+def _over_vocabulary(h, kernel, soft_cap, rows, accumulate):
+    """One pass of a token block over the vocabulary, `rows` entries at a time, with a running
+    maximum (the online softmax of flash attention): the block's log-sum-exp, the argmax, and with
+    `accumulate` the softmax-weighted sum of kernel rows `sum_v p_v (1 - t_v^2) w_v`, the hidden
+    states' gradient but for the label's term."""
+    d = int(h.shape[-1])
+    full, rows, tail = _vocab_chunks(kernel, rows)
+    n = ops.shape(h)[0]
+
+    def step(carry, w_i, offset):
+        top, total, arg, acc = carry
+        z, t = _chunk_logits(h, w_i, soft_cap)
+        z_top = ops.max(z, axis=-1)
+        arg = ops.where(z_top > top, ops.cast(ops.argmax(z, axis=-1), "int32") + offset, arg)  # first max wins
+        new_top = ops.maximum(top, z_top)
+        rescale = ops.exp(top - new_top)
+        p = ops.exp(z - new_top[:, None])
+        total = total * rescale + ops.sum(p, axis=-1)
+        if accumulate:
+            g = p if t is None else p * (1.0 - t * t)
+            acc = acc * rescale[:, None] + ops.cast(ops.matmul(ops.cast(g, kernel.dtype), w_i), "float32")
+        return new_top, total, arg, acc
+
+    carry = (ops.full((n,), -float("inf"), "float32"), ops.zeros((n,), "float32"), ops.zeros((n,), "int32"),
+             ops.zeros((n, d) if accumulate else (1,), "float32"))
+    carry = ops.fori_loop(0, full, lambda i, c: step(c, ops.slice(kernel, [i * rows, 0], [rows, d]), i * rows),
+                          carry)
+    if tail:
+        carry = step(carry, kernel[full * rows:], full * rows)
+    top, total, arg, acc = carry
+    return ops.log(total) + top, arg, acc / total[:, None] if accumulate else None
+
+
+def _label_logits(h, kernel, y, soft_cap):
+    """The label's row of the kernel, its (capped) logit and the tanh of the cap (None without one)."""
+    w_y = ops.take(kernel, y, axis=0)
+    z = ops.cast(ops.sum(h * w_y, axis=-1), "float32")
+    if soft_cap is None:
+        return w_y, z, None
+    t = ops.tanh(z / soft_cap)
+    return w_y, t * soft_cap, t
+
+
+def chunked_token_loss(hidden, labels, kernel, *, chunk_tokens=None, chunk_vocab=None, soft_cap=None,
+                       kernel_grad=True, training=True, budget=CHUNK_LOGITS):
+    """Per-token softmax cross-entropy of the logits `hidden @ kernel.T`, in blocks of tokens and
+    chunks of the vocabulary, so the `(tokens, vocabulary)` logits never exist whole: at most one
+    `(block, chunk)` piece of them does.
 
     Args:
         hidden: `(n, d)` hidden states.
         labels: `(n,)` integer labels.
         kernel: `(vocabulary, d)` output embedding (a tied `token_embedding.embeddings`).
-        chunk_tokens: tokens per chunk; `n` is padded up to a multiple (the padding is sliced off).
+        chunk_tokens: tokens per block (default `min(n, TOKEN_BLOCK)`); `n` is padded up to a
+            multiple (the padding is sliced off).
+        chunk_vocab: most vocabulary rows per chunk (default: what `budget` leaves for a block).
         soft_cap: keras-hub's `logit_soft_cap` (`tanh(z / cap) * cap`), or None.
         kernel_grad: whether `kernel` needs a gradient (False when it is frozen, as under LoRA).
         training: with False, the forward alone (no gradient is prepared).
+        budget: most logits of one `(block, chunk)` piece.
 
     Returns:
-        `(ce, correct)`, both `(n,)` float32: the cross-entropy and 1.0 where the label's logit is
-        the largest (token accuracy).
+        `(ce, correct)`, both `(n,)` float32: the cross-entropy and 1.0 where the label is the
+        argmax of the logits (token accuracy, as keras-hub's).
 
-    The gradient is written by hand (`keras.ops.custom_gradient`), Liger-Kernel's way: the forward
-    pass of each chunk also forms `(softmax - onehot) @ kernel`, the gradient of the hidden states up
-    to the per-token upstream factor, so the backward pass needs no logits at all and a LoRA step
-    does the two vocabulary products a full-logit step does. A trainable kernel's gradient does
-    depend on the upstream factors, so it is formed in the backward pass, recomputing each chunk's
-    logits (one more vocabulary product, only when the embedding trains).
+    The gradient is written by hand (`keras.ops.custom_gradient`). The forward pass of a block runs
+    over the vocabulary with a running maximum (flash attention's online softmax) and also sums
+    `softmax(z) @ kernel`, so the hidden states' gradient `(softmax - onehot) @ kernel` costs no
+    vocabulary product beyond the two a full-logit step does, and the backward pass needs no
+    logits. Chunking the vocabulary rather than the tokens keeps the matmuls tall (all the block's
+    tokens at once), which is what makes them fast on CPU. A trainable kernel's gradient depends
+    on the upstream factors, so it is formed in the backward pass, recomputing each chunk's logits
+    (one more vocabulary product, only when the embedding trains).
 
     Example:
 
@@ -109,7 +177,7 @@ def chunked_token_loss(hidden, labels, kernel, *, chunk_tokens, soft_cap=None, k
     >>> h = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
     >>> w = np.random.default_rng(1).normal(size=(7, 4)).astype("float32")
     >>> y = np.array([0, 3, 6, 2, 1])
-    >>> ce, _ = chunked_token_loss(h, y, w, chunk_tokens=2)
+    >>> ce, _ = chunked_token_loss(h, y, w, chunk_tokens=2, chunk_vocab=3)
     >>> z = h @ w.T
     >>> ref = np.log(np.exp(z).sum(-1)) - z[np.arange(5), y]
     >>> bool(np.allclose(ops.convert_to_numpy(ce), ref, rtol=1e-5))
@@ -121,72 +189,85 @@ def chunked_token_loss(hidden, labels, kernel, *, chunk_tokens, soft_cap=None, k
     kernel = ops.copy(kernel) if isinstance(kernel, keras.Variable) else ops.convert_to_tensor(kernel)
     d, vocab = int(hidden.shape[-1]), int(kernel.shape[0])
     n = hidden.shape[0]  # None when TensorFlow traces an unknown batch: then a tensor
-    c = max(1, min(int(chunk_tokens), n)) if n is not None else max(1, int(chunk_tokens))
+    c, rows = chunk_sizes(n, vocab, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab, budget=budget)
+    one_block = n is not None and n <= c
     if n is None:
         n = ops.shape(hidden)[0]
     pad = (-n) % c
-    m = (n + pad) // c
     y = ops.cast(labels, "int32")
-    if not isinstance(pad, int) or pad:  # a ragged last chunk: zero states and label 0, sliced off below
+    if not isinstance(pad, int) or pad:  # a ragged last block: zero states and label 0, sliced off below
         hidden = ops.pad(hidden, [[0, pad], [0, 0]])
         y = ops.pad(y, [[0, pad]])
-    y_chunks = ops.reshape(y, (-1, c))
+
+    def per_block(fn, *xs):
+        """`fn` on each block of `c` tokens (no loop when there is one), results re-joined."""
+        if one_block:
+            return fn(*xs)
+        out = ops.map(lambda b: fn(*b), tuple(ops.reshape(x, (-1, c) + tuple(x.shape[1:])) for x in xs))
+        return tuple(ops.reshape(o, (-1,) + tuple(o.shape[2:])) for o in out)
 
     def unpad(t):
         return ops.reshape(t, (-1,))[:n]
 
-    if not training:
-        def stats(xs):
-            z, _ = _chunk_logits(xs[0], kernel, soft_cap)
-            ce, correct, _ = _chunk_stats(z, xs[1])
+    def stats(h_b, y_b, w, accumulate):
+        lse, arg, soft = _over_vocabulary(h_b, w, soft_cap, rows, accumulate)
+        w_y, z_y, t_y = _label_logits(h_b, w, y_b, soft_cap)
+        ce, correct = lse - z_y, ops.cast(arg == y_b, "float32")
+        if not accumulate:
             return ce, correct
+        # d ce / d h = softmax-weighted rows minus the label's row (each through the cap's derivative)
+        label = ops.cast(w_y, "float32") if t_y is None else ops.cast(w_y, "float32") * (1.0 - t_y * t_y)[:, None]
+        return ce, correct, lse, soft - label
 
-        ce, correct = ops.map(stats, (ops.reshape(hidden, (-1, c, d)), y_chunks))
+    if not training:
+        ce, correct = per_block(lambda h_b, y_b: stats(h_b, y_b, kernel, False), hidden, y)
         return unpad(ce), unpad(correct)
-
-    def dlogits(z, t, y_i, lse, scale=None):
-        """d ce / d (uncapped logits) of one chunk, times the per-token upstream `scale`."""
-        g = ops.exp(z - lse[:, None]) - ops.one_hot(y_i, vocab, dtype="float32")
-        if t is not None:
-            g = g * (1.0 - t * t)
-        return g if scale is None else g * scale[:, None]
 
     @ops.custom_gradient
     def loss(h, w):
-        h_chunks = ops.reshape(h, (-1, c, d))
-
-        # `ops.map` / `ops.fori_loop` (a while loop under jit): one chunk's logits at a time.
-        def forward(xs):
-            h_i, y_i = xs
-            z, t = _chunk_logits(h_i, w, soft_cap)
-            ce, correct, lse = _chunk_stats(z, y_i)
-            gh = ops.matmul(ops.cast(dlogits(z, t, y_i, lse), w.dtype), w)  # (c, d), before the upstream
-            return ce, correct, lse, gh
-
-        ce, correct, lse, gh = ops.map(forward, (h_chunks, y_chunks))
+        ce, correct, lse, gh = per_block(lambda h_b, y_b: stats(h_b, y_b, w, True), h, y)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 upstream = args[0]
             up = upstream[0] if isinstance(upstream, (list, tuple)) else upstream  # d loss / d ce; correct has none
-            up = ops.reshape(ops.cast(up, "float32"), (-1, c))
-            dh = ops.reshape(ops.cast(gh * up[..., None], h.dtype), (-1, d))
+            up = ops.cast(up, "float32")
+            dh = ops.cast(gh * up[:, None], h.dtype)
             if not kernel_grad:
                 return dh, ops.zeros_like(w)
+            return dh, _kernel_gradient(h, y, w, lse, up, soft_cap, c, rows)
 
-            def backward(i, dw):
-                h_i = ops.take(h_chunks, i, axis=0)
-                z, t = _chunk_logits(h_i, w, soft_cap)
-                g = dlogits(z, t, ops.take(y_chunks, i, axis=0), ops.take(lse, i, axis=0),
-                            ops.take(up, i, axis=0))
-                return dw + ops.matmul(ops.transpose(ops.cast(g, w.dtype)), h_i)
-
-            return dh, ops.fori_loop(0, m, backward, ops.zeros_like(w))
-
-        return (ops.reshape(ce, (-1,)), ops.reshape(correct, (-1,))), grad
+        return (ce, correct), grad
 
     ce, correct = loss(hidden, kernel)
     return unpad(ce), unpad(correct)
+
+
+def _kernel_gradient(h, y, w, lse, up, soft_cap, c, rows):
+    """`sum_tokens up * (softmax - onehot)^T h` (through the cap's derivative), a `(block, chunk)`
+    piece at a time, recomputing each piece's logits from the forward pass's log-sum-exp."""
+    d = int(w.shape[-1])
+    full, rows, tail = _vocab_chunks(w, rows)
+    blocks = ops.shape(h)[0] // c
+
+    def block(j, dw):
+        h_j = ops.slice(h, [j * c, 0], [c, d])
+        y_j, lse_j, up_j = (ops.slice(v, [j * c], [c]) for v in (y, lse, up))
+
+        def piece(dw, w_i, offset, size):
+            z, t = _chunk_logits(h_j, w_i, soft_cap)
+            g = ops.exp(z - lse_j[:, None]) - ops.one_hot(y_j - offset, size, dtype="float32")  # 0 outside
+            if t is not None:
+                g = g * (1.0 - t * t)
+            g = ops.cast(g * up_j[:, None], w.dtype)
+            return ops.slice_update(dw, [offset, 0], ops.slice(dw, [offset, 0], [size, d])
+                                    + ops.matmul(ops.transpose(g), h_j))
+
+        dw = ops.fori_loop(0, full, lambda i, dw: piece(dw, ops.slice(w, [i * rows, 0], [rows, d]), i * rows, rows),
+                           dw)
+        return piece(dw, w[full * rows:], full * rows, tail) if tail else dw
+
+    return ops.fori_loop(0, blocks, block, ops.zeros_like(w))
 
 
 class CompletionLoss(keras.Model):
@@ -202,7 +283,8 @@ class CompletionLoss(keras.Model):
 
     Args:
         causal_lm: a keras-hub `CausalLM` whose backbone has a tied `token_embedding`.
-        chunk_tokens: tokens per chunk (default: `chunk_tokens_for(vocabulary)`, 64 MiB of logits).
+        chunk_tokens: tokens per block of the chunked loss (default: `chunk_sizes`).
+        chunk_vocab: most vocabulary rows per chunk (default: what 64 MiB of logits leave).
 
     Example:
 
@@ -218,11 +300,10 @@ class CompletionLoss(keras.Model):
     (2, 2, 2)
     """
 
-    def __init__(self, causal_lm, chunk_tokens=None, **kwargs):
+    def __init__(self, causal_lm, chunk_tokens=None, chunk_vocab=None, **kwargs):
         super().__init__(**kwargs)
         self.causal_lm = causal_lm
-        emb = causal_lm.backbone.token_embedding
-        self.chunk_tokens = int(chunk_tokens or chunk_tokens_for(emb.input_dim))
+        self.chunk_tokens, self.chunk_vocab = chunk_tokens, chunk_vocab
 
     def call(self, inputs, training=False):
         if "loss_labels" not in inputs:
@@ -244,7 +325,7 @@ class CompletionLoss(keras.Model):
             return ops.stack([ce, correct], axis=-1)
         ce, correct = chunked_token_loss(
             ops.reshape(picked, (-1, picked.shape[-1])), ops.reshape(inputs["loss_labels"], (-1,)),
-            emb.embeddings, chunk_tokens=self.chunk_tokens, soft_cap=emb.logit_soft_cap,
+            emb.embeddings, chunk_tokens=self.chunk_tokens, chunk_vocab=self.chunk_vocab, soft_cap=emb.logit_soft_cap,
             kernel_grad=bool(emb.embeddings.trainable and emb.trainable), training=training)
         return ops.stack([ops.reshape(ce, (-1, k)), ops.reshape(correct, (-1, k))], axis=-1)
 

@@ -3,8 +3,9 @@
 The reference is the plain path a user of keras-hub writes: the `CausalLM`'s logits at every
 position, Keras' `SparseCategoricalCrossentropy` with the completion's weights, differentiated by
 the backend's own autodiff. The chunked loss must give the same loss and the same gradients
-(1e-5 relative) with several chunks and a ragged last one, frozen and trainable embeddings, with
-and without a final logit soft cap.
+(1e-5 relative) with one block of tokens and with several (a ragged last one), with the vocabulary
+in chunks (a ragged last one), frozen and trainable embeddings, with and without a final logit soft
+cap.
 """
 
 import keras
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import lora3
-from lora3.run.completion import CompletionLoss, chunk_tokens_for
+from lora3.run.completion import CompletionLoss, chunk_sizes
 from tests.library.test_dora import grads_of, rel_grad
 from tests.tiny import backend, randomize_lora
 
@@ -79,7 +80,7 @@ def loss_and_grads(loss_fn, variables):
 
 
 def chunked_loss(lm, x, weights, chunk):
-    view = CompletionLoss(lm, chunk_tokens=chunk)
+    view = CompletionLoss(lm, chunk_tokens=chunk[0], chunk_vocab=chunk[1])
     weights = keras.ops.convert_to_tensor(weights)
     return lambda: keras.ops.sum(view(x, training=True)[..., 0] * weights) / keras.ops.sum(weights)
 
@@ -100,8 +101,8 @@ def test_chunked_loss_and_gradients_equal_the_full_logit_loss(kind, soft_cap, fi
     assert any(v is emb for v in variables) == (finetune == "full")
     ref_fn = full_logit_loss(lm, x, labels, weights)
     ref_loss, ref_grads = loss_and_grads(ref_fn, variables)
-    n = int(np.prod(labels.shape))  # 15 positions: chunks of 4 leave a ragged last chunk of 3
-    for chunk in (4,):
+    # 15 positions: blocks of 4 leave a ragged last block of 3; 61 entries in chunks of 16 a tail of 13
+    for chunk in ((4, 16), (None, 16), (4, None)):
         loss, grads = loss_and_grads(chunked_loss(lm, x, weights, chunk), variables)
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         for v, g, r in zip(variables, grads, ref_grads):
@@ -112,7 +113,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logit_loss(kind, soft_cap, fi
 def test_evaluation_forward_gives_the_loss_and_accuracy_of_the_full_logits():
     lm = gemma("gemma3", None)
     x, labels, weights = batch()
-    out = keras.ops.convert_to_numpy(CompletionLoss(lm, chunk_tokens=4)(x, training=False))
+    out = keras.ops.convert_to_numpy(CompletionLoss(lm, chunk_tokens=4, chunk_vocab=16)(x, training=False))
     logits = keras.ops.convert_to_numpy(lm({"token_ids": x["token_ids"], "padding_mask": x["padding_mask"]}))
     z = np.take_along_axis(logits, x["loss_positions"][..., None], axis=1).astype("float64")
     lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
@@ -130,5 +131,12 @@ def test_missing_labels_are_named():
 
 
 @pytest.mark.one_backend
-def test_chunk_size_bounds_the_logits_of_one_chunk():
-    assert chunk_tokens_for(262_144) == 64 and chunk_tokens_for(61) == 2**24 // 61 and chunk_tokens_for(2**30) == 1
+def test_chunk_sizes_bound_the_logits_of_one_piece():
+    # Gemma 3's vocabulary at the study's 288 completion tokens: one block, eight equal chunks
+    assert chunk_sizes(288, 262_144) == (288, 32_768)
+    assert chunk_sizes(288, 256_000) == (288, 51_200)  # Gemma 1/2: 5 chunks divide it
+    assert chunk_sizes(288, 262_147) == (288, 52_430)  # a prime: near-equal chunks, a shorter tail
+    assert chunk_sizes(5000, 262_144) == (1024, 16_384)  # tall batches: blocks of TOKEN_BLOCK tokens
+    assert chunk_sizes(None, 262_144) == (1024, 16_384)  # a batch traced as unknown
+    assert chunk_sizes(15, 61) == (15, 61)  # a small vocabulary: one chunk
+    assert chunk_sizes(4, 61, chunk_vocab=16) == (4, 16) and chunk_sizes(2**30, 2**30, budget=10) == (1024, 1)

@@ -97,8 +97,9 @@ def test_large_adapter_loads_tensor_by_tensor(tmp_path):
     # (measured 0.2-0.45x: on CPU the backend may keep a few numpy buffers as the variables' values).
     assert m["fresh"]["traced_peak"] < 0.6 and m["existing"]["traced_peak"] < 0.6, m
     # Onto a fresh base the adapter's own weights must end up in memory (1.0x); the loader adds one
-    # layer on top (measured 1.05-1.10x on JAX, 1.00x on TensorFlow).
-    assert m["fresh"]["rss_extra"] < 1.2, m
+    # layer on top (measured 1.05-1.10x on JAX, 1.00x on TensorFlow; 1.21x once on JAX with the CPU
+    # shared with a second test run, so the bound leaves room: holding the file whole would be 2x).
+    assert m["fresh"]["rss_extra"] < 1.3, m
     # Onto existing LoRA layers nothing new has to stay; measured ~0.94x on JAX (glibc keeps freed
     # XLA buffers mapped for reuse rather than returning them at once), ~0.2x on TensorFlow.
     assert m["existing"]["rss_extra"] < 1.0, m

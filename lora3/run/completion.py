@@ -97,47 +97,39 @@ def _vocab_chunks(kernel, rows):
     return vocab // rows, rows, vocab - (vocab // rows) * rows
 
 
-def _over_vocabulary(h, kernel, soft_cap, rows, accumulate):
+def _over_vocabulary(h, y, kernel, soft_cap, rows, accumulate):
     """One pass of a token block over the vocabulary, `rows` entries at a time, with a running
-    maximum (the online softmax of flash attention): the block's log-sum-exp, the argmax, and with
+    maximum (the online softmax of flash attention): the block's log-sum-exp, the running maximum,
+    the label's logit (picked from its chunk: the very value the maximum saw), and with
     `accumulate` the softmax-weighted sum of kernel rows `sum_v p_v (1 - t_v^2) w_v`, the hidden
     states' gradient but for the label's term."""
     d = int(h.shape[-1])
     full, rows, tail = _vocab_chunks(kernel, rows)
     n = ops.shape(h)[0]
 
-    def step(carry, w_i, offset):
-        top, total, arg, acc = carry
+    def step(carry, w_i, offset, size):
+        top, total, z_y, acc = carry
         z, t = _chunk_logits(h, w_i, soft_cap)
-        z_top = ops.max(z, axis=-1)
-        arg = ops.where(z_top > top, ops.cast(ops.argmax(z, axis=-1), "int32") + offset, arg)  # first max wins
-        new_top = ops.maximum(top, z_top)
+        inside = ops.logical_and(y >= offset, y < offset + size)
+        picked = ops.take_along_axis(z, ops.clip(y - offset, 0, size - 1)[:, None], axis=-1)[:, 0]
+        z_y = ops.where(inside, picked, z_y)
+        new_top = ops.maximum(top, ops.max(z, axis=-1))
         rescale = ops.exp(top - new_top)
         p = ops.exp(z - new_top[:, None])
         total = total * rescale + ops.sum(p, axis=-1)
         if accumulate:
             g = p if t is None else p * (1.0 - t * t)
             acc = acc * rescale[:, None] + ops.cast(ops.matmul(ops.cast(g, kernel.dtype), w_i), "float32")
-        return new_top, total, arg, acc
+        return new_top, total, z_y, acc
 
-    carry = (ops.full((n,), -float("inf"), "float32"), ops.zeros((n,), "float32"), ops.zeros((n,), "int32"),
+    carry = (ops.full((n,), -float("inf"), "float32"), ops.zeros((n,), "float32"), ops.zeros((n,), "float32"),
              ops.zeros((n, d) if accumulate else (1,), "float32"))
-    carry = ops.fori_loop(0, full, lambda i, c: step(c, ops.slice(kernel, [i * rows, 0], [rows, d]), i * rows),
-                          carry)
+    carry = ops.fori_loop(
+        0, full, lambda i, c: step(c, ops.slice(kernel, [i * rows, 0], [rows, d]), i * rows, rows), carry)
     if tail:
-        carry = step(carry, kernel[full * rows:], full * rows)
-    top, total, arg, acc = carry
-    return ops.log(total) + top, arg, acc / total[:, None] if accumulate else None
-
-
-def _label_logits(h, kernel, y, soft_cap):
-    """The label's row of the kernel, its (capped) logit and the tanh of the cap (None without one)."""
-    w_y = ops.take(kernel, y, axis=0)
-    z = ops.cast(ops.sum(h * w_y, axis=-1), "float32")
-    if soft_cap is None:
-        return w_y, z, None
-    t = ops.tanh(z / soft_cap)
-    return w_y, t * soft_cap, t
+        carry = step(carry, kernel[full * rows:], full * rows, tail)
+    top, total, z_y, acc = carry
+    return ops.log(total) + top, top, z_y, acc / total[:, None] if accumulate else None
 
 
 def chunked_token_loss(hidden, labels, kernel, *, chunk_tokens=None, chunk_vocab=None, soft_cap=None,
@@ -159,8 +151,8 @@ def chunked_token_loss(hidden, labels, kernel, *, chunk_tokens=None, chunk_vocab
         budget: most logits of one `(block, chunk)` piece.
 
     Returns:
-        `(ce, correct)`, both `(n,)` float32: the cross-entropy and 1.0 where the label is the
-        argmax of the logits (token accuracy, as keras-hub's).
+        `(ce, correct)`, both `(n,)` float32: the cross-entropy and 1.0 where the label's logit is
+        the largest (token accuracy: keras-hub's argmax but for exact ties, which count as correct).
 
     The gradient is written by hand (`keras.ops.custom_gradient`). The forward pass of a block runs
     over the vocabulary with a running maximum (flash attention's online softmax) and also sums
@@ -210,14 +202,16 @@ def chunked_token_loss(hidden, labels, kernel, *, chunk_tokens=None, chunk_vocab
         return ops.reshape(t, (-1,))[:n]
 
     def stats(h_b, y_b, w, accumulate):
-        lse, arg, soft = _over_vocabulary(h_b, w, soft_cap, rows, accumulate)
-        w_y, z_y, t_y = _label_logits(h_b, w, y_b, soft_cap)
-        ce, correct = lse - z_y, ops.cast(arg == y_b, "float32")
+        lse, top, z_y, soft = _over_vocabulary(h_b, y_b, w, soft_cap, rows, accumulate)
+        ce, correct = lse - z_y, ops.cast(z_y >= top, "float32")
         if not accumulate:
             return ce, correct
         # d ce / d h = softmax-weighted rows minus the label's row (each through the cap's derivative)
-        label = ops.cast(w_y, "float32") if t_y is None else ops.cast(w_y, "float32") * (1.0 - t_y * t_y)[:, None]
-        return ce, correct, lse, soft - label
+        w_y = ops.cast(ops.take(w, y_b, axis=0), "float32")
+        if soft_cap is not None:
+            t_y = z_y / soft_cap  # the capped logit is tanh(.) * cap
+            w_y = w_y * (1.0 - t_y * t_y)[:, None]
+        return ce, correct, lse, soft - w_y
 
     if not training:
         ce, correct = per_block(lambda h_b, y_b: stats(h_b, y_b, kernel, False), hidden, y)

@@ -69,7 +69,7 @@ def chunk_sizes(tokens: int | None, vocabulary_size: int, *, chunk_tokens: int |
     >>> chunk_sizes(288, 262_144)
     (288, 32768)
     """
-    t = int(chunk_tokens or min(tokens or TOKEN_BLOCK, TOKEN_BLOCK))
+    t = int(chunk_tokens or TOKEN_BLOCK)
     t = max(1, min(t, tokens) if tokens else t)
     vocab = int(vocabulary_size)
     most = max(1, min(int(chunk_vocab or budget // t), vocab))
@@ -90,11 +90,15 @@ def _chunk_logits(h, kernel, soft_cap):
     return t * soft_cap, t
 
 
-def _vocab_chunks(kernel, rows):
-    """`(start, size)` of the loop's chunks and of the ragged tail: `kernel` is read in place by
-    dynamic slices (a reshape would copy the whole kernel when `rows` does not divide it)."""
-    vocab = int(kernel.shape[0])
-    return vocab // rows, rows, vocab - (vocab // rows) * rows
+def _over_chunks(kernel, rows, step, carry):
+    """`carry = step(carry, kernel_chunk, offset, size)` over the vocabulary, `rows` entries at a
+    time: a loop of dynamic slices that read `kernel` in place (a reshape into chunks would copy
+    the whole kernel when `rows` does not divide it), then the ragged tail, if any, once."""
+    vocab, d = int(kernel.shape[0]), int(kernel.shape[1])
+    full, tail = vocab // rows, vocab % rows
+    carry = ops.fori_loop(
+        0, full, lambda i, c: step(c, ops.slice(kernel, [i * rows, 0], [rows, d]), i * rows, rows), carry)
+    return step(carry, kernel[full * rows:], full * rows, tail) if tail else carry
 
 
 def _over_vocabulary(h, y, kernel, soft_cap, rows, accumulate):
@@ -104,7 +108,6 @@ def _over_vocabulary(h, y, kernel, soft_cap, rows, accumulate):
     `accumulate` the softmax-weighted sum of kernel rows `sum_v p_v (1 - t_v^2) w_v`, the hidden
     states' gradient but for the label's term."""
     d = int(h.shape[-1])
-    full, rows, tail = _vocab_chunks(kernel, rows)
     n = ops.shape(h)[0]
 
     def step(carry, w_i, offset, size):
@@ -124,11 +127,7 @@ def _over_vocabulary(h, y, kernel, soft_cap, rows, accumulate):
 
     carry = (ops.full((n,), -float("inf"), "float32"), ops.zeros((n,), "float32"), ops.zeros((n,), "float32"),
              ops.zeros((n, d) if accumulate else (1,), "float32"))
-    carry = ops.fori_loop(
-        0, full, lambda i, c: step(c, ops.slice(kernel, [i * rows, 0], [rows, d]), i * rows, rows), carry)
-    if tail:
-        carry = step(carry, kernel[full * rows:], full * rows, tail)
-    top, total, z_y, acc = carry
+    top, total, z_y, acc = _over_chunks(kernel, rows, step, carry)
     return ops.log(total) + top, top, z_y, acc / total[:, None] if accumulate else None
 
 
@@ -241,7 +240,6 @@ def _kernel_gradient(h, y, w, lse, up, soft_cap, c, rows):
     """`sum_tokens up * (softmax - onehot)^T h` (through the cap's derivative), a `(block, chunk)`
     piece at a time, recomputing each piece's logits from the forward pass's log-sum-exp."""
     d = int(w.shape[-1])
-    full, rows, tail = _vocab_chunks(w, rows)
     blocks = ops.shape(h)[0] // c
 
     def block(j, dw):
@@ -257,9 +255,7 @@ def _kernel_gradient(h, y, w, lse, up, soft_cap, c, rows):
             return ops.slice_update(dw, [offset, 0], ops.slice(dw, [offset, 0], [size, d])
                                     + ops.matmul(ops.transpose(g), h_j))
 
-        dw = ops.fori_loop(0, full, lambda i, dw: piece(dw, ops.slice(w, [i * rows, 0], [rows, d]), i * rows, rows),
-                           dw)
-        return piece(dw, w[full * rows:], full * rows, tail) if tail else dw
+        return _over_chunks(w, rows, piece, dw)
 
     return ops.fori_loop(0, blocks, block, ops.zeros_like(w))
 

@@ -19,6 +19,13 @@ Setups (T5 architecture, random init, AdamW, sparse cross-entropy, batch of rand
     frozen-floor      only the first norm scale of each stack trains: forward plus the whole
                       input-gradient backward, no real weight gradient: the floor of any LoRA step
 
+and, opt-in on any model (`--setups ...,lora3-all_linear-remat`, not in the defaults):
+
+    lora3-all_linear-remat   lora3-all_linear with trainer.remat=full (every transformer block recomputed
+                             in the backward pass): its step time and training memory over the setup
+                             without it (the accelerator's peak memory where there is one, else the RSS the
+                             step adds), against the targets 1.35x and 0.6x
+
 plus a rank sweep of lora3 (--ranks on --rank-targets, default all_linear, on --rank-backends: one
 process per backend holds a model per rank and times them round-robin, so rank ratios carry no
 process-to-process noise; each rank's executed FLOPs beside its time), optionally the same
@@ -68,7 +75,8 @@ import time
 from importlib import metadata
 
 from lora3.bench.setups.common import (
-    ALL_SETUPS, CAUSAL_MODELS, CAUSAL_SETUPS, FULL_LOGITS, GATE_ENV, MODELS, SETUPS, is_causal, setups_of,
+    ALL_SETUPS, CAUSAL_MODELS, CAUSAL_SETUPS, FULL_LOGITS, GATE_ENV, MODELS, REMAT, REMAT_SUFFIX, SETUPS,
+    is_causal, valid_setups,
 )
 
 KERAS_BACKENDS = ("jax", "tensorflow")
@@ -94,6 +102,12 @@ CAUSAL_TARGETS = (
     ("lora3 step / full-logit step", "lora3-all_linear", "lora3-all_linear-full_logits", "median_step_s", 0.65),
     ("lora3 step / PEFT step", "lora3-all_linear", "peft-all_linear", "median_step_s", 0.70),
     ("lora3 peak RSS / PEFT peak RSS", "lora3-all_linear", "peft-all_linear", "peak_rss_mb", 0.70),
+)
+# Rematerialisation (`*-remat` over the same setup without it), on any model and backend: (label, field,
+# limit). Training memory is the accelerator's peak where the run has one, else the step's RSS.
+REMAT_TARGETS = (
+    ("remat step / no-remat step", "median_step_s", 1.35),
+    ("remat training memory / no-remat", "train_memory_mb", 0.60),
 )
 # Per-model defaults of the options whose default is None.
 T5_DEFAULTS = dict(setups=list(SETUPS), backends=list(KERAS_BACKENDS), ranks=[1, 4, 16, 64, 256],
@@ -136,7 +150,8 @@ def parse_args(argv=None):
                    help="Keras backends of the training setups (default jax,tensorflow; jax on Gemma 3)")
     p.add_argument("--setups", type=_csv(str), default=None,
                    help="default: every setup of the model (T5: " + ",".join(SETUPS) + "; Gemma 3: "
-                        + ",".join(CAUSAL_SETUPS) + ")")
+                        + ",".join(CAUSAL_SETUPS) + "); opt-in on either: " + ",".join(REMAT)
+                        + " (trainer.remat=full: every transformer block recomputed in the backward pass)")
     p.add_argument("--repeats", type=int, default=None, help="processes per setup, alternated (default 1)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps, the compiling first call included (default 2)")
@@ -173,7 +188,7 @@ def parse_args(argv=None):
     for key, value in (CAUSAL_DEFAULTS if causal else T5_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, list(value) if isinstance(value, list) else value)
-    model_setups = setups_of(args.model)
+    model_setups = valid_setups(args.model)
     if causal and args.inference_backends:
         p.error(f"--model {args.model} has no inference process: pass --inference-backends ''")
     for b in args.backends + args.rank_backends + args.inference_backends:
@@ -446,6 +461,7 @@ def aggregate(results, args):
             "train_rss_mb": max(r["peak_rss_mb"] - r["rss_after_build_mb"] for r in runs)
             if all("rss_after_build_mb" in r for r in runs) else None,
             "peak_device_mb": max((r.get("peak_device_mb") or 0.0 for r in runs), default=0.0) or None,
+            "train_memory_source": None,
             "trainable_params": first["trainable_params"],
             "total_params": first["total_params"],
             "adapted_layers": first["adapted_layers"],
@@ -464,6 +480,11 @@ def aggregate(results, args):
             "repeat_medians_s": [statistics.median(r["step_times_s"]) for r in runs],
             "steps_timed": len(times),
         }
+    for rec in pooled.values():
+        # what a step's memory is: the accelerator's peak where there is one, else the RSS it adds
+        on_device = rec["peak_device_mb"] is not None
+        rec["train_memory_mb"] = rec["peak_device_mb"] if on_device else rec["train_rss_mb"]
+        rec["train_memory_source"] = "peak device memory" if on_device else "peak RSS - RSS after build"
     records = []
     for key, rec in pooled.items():
         setup, backend, rank = key
@@ -489,7 +510,13 @@ def aggregate(results, args):
                 rec["ratio_to_full_logits"] = _ratio(rec["median_step_s"], logits and logits["median_step_s"])
                 rec["rss_ratio_to_full_logits"] = _ratio(rec["peak_rss_mb"], logits and logits["peak_rss_mb"])
         records.append(rec)
-    order = {s: i for i, s in enumerate(setups_of(args.model))}
+    for rec in records:
+        # trainer.remat=full against the same setup without it: time and training memory
+        if rec["name"] in REMAT:
+            plain = pooled.get((rec["name"][: -len(REMAT_SUFFIX)], rec["backend"], args.rank))
+            rec["ratio_to_no_remat"] = _ratio(rec["median_step_s"], plain and plain["median_step_s"])
+            rec["train_memory_ratio_to_no_remat"] = _ratio(rec["train_memory_mb"], plain and plain["train_memory_mb"])
+    order = {s: i for i, s in enumerate(valid_setups(args.model))}
     records.sort(key=lambda r: (order[r["name"]], r["backend"]))
     # The rank sweep: each process timed every (targets, rank) round-robin; pool the repeats.
     sweep = _pool_points(results, "rank-sweep")
@@ -563,12 +590,29 @@ def _pool_points(results, setup):
     } for key, ps in points.items()}
 
 
+def check_remat_targets(rec, args):
+    """Rematerialisation's targets, where a `*-remat` setup ran beside its pair (same limits everywhere)."""
+    out = []
+    for backend in args.backends:
+        for name in REMAT:
+            n, d = rec.get((name, backend)), rec.get((name[: -len(REMAT_SUFFIX)], backend))
+            if n is None or d is None:
+                continue
+            for label, field, limit in REMAT_TARGETS:
+                value = _ratio(n[field], d[field])
+                if field == "train_memory_mb":
+                    label += f" ({n['train_memory_source']})"
+                out.append({"target": f"{backend}: {name}: {label}", "value": value, "limit": limit,
+                            "ok": None if value is None else value <= limit})
+    return out
+
+
 def check_targets(records, rank_scaling, round_robin, inference, args):
     """The issue's targets, each with the measured value (None: not measured in this run)."""
     rec = {(r["name"], r["backend"]): r for r in records}
     if is_causal(args.model):
-        return check_causal_targets(rec, args)
-    out = []
+        return check_causal_targets(rec, args) + check_remat_targets(rec, args)
+    out = check_remat_targets(rec, args)
     for backend in args.backends:
         slack = 1.0 if backend == "jax" else 1.1
         for label, num, den, limit in TRAIN_TARGETS:
@@ -684,6 +728,13 @@ def render(report):
         parts.append("training step (median s; ratios within this run)\n" + _table(
             ["setup", "backend", "s/step", "/full", "x floor", "/keras", "/peft", "x fwd", "GFLOP", "GFLOP/s",
              "compile s", "RSS MB", "train RSS", "trainable", "opt vars/bytes"], rows))
+    remat = [r for r in report["records"] if r["name"] in REMAT]
+    if remat:
+        rows = [[r["name"], r["backend"], _f(r["median_step_s"]), _f(r.get("ratio_to_no_remat"), "{:.2f}x"),
+                 _f(r["train_memory_mb"], "{:.0f}"), _f(r.get("train_memory_ratio_to_no_remat"), "{:.2f}x"),
+                 r["train_memory_source"]] for r in remat]
+        parts.append("rematerialisation (trainer.remat=full) against the same setup without it\n" + _table(
+            ["setup", "backend", "s/step", "/no remat", "train MB", "memory /no remat", "memory is"], rows))
     if report["rank_scaling"]:
         rows = [[r["backend"], r["targets"], r["rank"], _f(r["median_step_s"]), _f(r["ratio_to_r4"], "{:.2f}x"),
                  _f(r["flops_per_step"] and r["flops_per_step"] / 1e9, "{:.1f}"),

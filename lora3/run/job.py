@@ -66,9 +66,9 @@ def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None
             model_cfg, origin = finetune.model_source(plain)             # 5. model: GGUF | trained base | preset
             bundle = models.build(model_cfg, data.tokenizer_texts(), seed=plain["seed"],
                                   cache_dir=plain.get("cache_dir"), info=origin)
-            if plain["trainer"]["remat"] == "blocks":                     # recompute each block in the backward pass
-                log.info("trainer.remat=blocks: %d transformer blocks recomputed in the backward pass",
-                         len(remat.remat_blocks(bundle.model)))
+            if plain["trainer"]["remat"] in remat.RECOMPUTE_BLOCKS:       # recompute each block in the backward pass
+                log.info("trainer.remat=%s: %d transformer blocks recomputed in the backward pass",
+                         plain["trainer"]["remat"], len(remat.remat_blocks(bundle.model)))
             params = finetune.prepare(bundle, plain, out)               # 6. LoRA surgery | full | frozen
             train_arrays, tokens_per_step = finetune.compile_and_encode(bundle, plain, data)
             splits = ev.prepare_splits(bundle, data, plain)             # 7. val (and test) arrays, BLEU subsets

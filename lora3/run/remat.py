@@ -1,9 +1,9 @@
 """`trainer.remat`: rematerialisation (gradient checkpointing) of each transformer block, through `keras.remat`.
 
-Activations, not weights, bound a LoRA run's batch and sequence length. With `trainer.remat=blocks`
-the backward pass recomputes each transformer block's forward pass instead of keeping its
-intermediate activations: only the block's inputs are kept (what Hugging Face calls gradient
-checkpointing), for about one more forward pass of time.
+Activations, not weights, bound a LoRA run's batch and sequence length. With `trainer.remat=full`
+(`blocks` is its earlier name, still accepted) the backward pass recomputes each transformer block's
+forward pass instead of keeping its intermediate activations: only the block's inputs are kept (what
+Hugging Face calls gradient checkpointing), for about one more forward pass of time.
 
 Why not `keras.RematScope`: Keras hands a layer's call to `jax.checkpoint` / `tf.recompute_grad`
 with all its arguments, and keras-hub blocks take Python values (`training=False`,
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import re
 
-MODES = ("none", "blocks")
+MODES = ("none", "full", "blocks")
+# The modes that recompute every transformer block: `full`, and `blocks`, its earlier name.
+RECOMPUTE_BLOCKS = ("full", "blocks")
 # keras-hub's block names: Gemma and Gemma 3 `decoder_block_<i>`, T5 `transformer_{en,de}coder_layer_<i>`.
 BLOCK_PATTERN = re.compile(r"decoder_block_\d+|transformer_(en|de)coder_layer_\d+")
 

@@ -217,7 +217,7 @@ class TrainerConfig(_Node):
     verbose: Choice(*VERBOSITY, kind=Union[str, int]) = "auto"
     skip_nonfinite: Bool = False
     lora_plus_ratio: Optional[PositiveNum] = None   # LoRA+: B's learning rate = ratio x A's (null: off)
-    remat: Choice(*REMAT_MODES) = "none"              # lora3.run.remat: none | blocks (each transformer block recomputed)
+    remat: Choice(*REMAT_MODES) = "none"              # lora3.run.remat: none | full (each transformer block recomputed; blocks: same)
     inject_nonfinite_steps: Annotated[list[PositiveInt], Field(
         description="a list of optimizer steps (positive integers), e.g. [3] or []")] = []
 

@@ -181,7 +181,7 @@ def test_round_robin_times_the_chosen_setups_side_by_side(bench):
 
 # -- --model gemma3_270m, through its random stand-in gemma3_tiny --------------------------------------
 
-GEMMA_SETUPS = ["lora3-all_linear", "lora3-all_linear-full_logits", "peft-all_linear"]
+GEMMA_SETUPS = ["lora3-all_linear", "lora3-all_linear-full_logits", "lora3-all_linear-remat", "peft-all_linear"]
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,8 @@ def test_gemma_records_ratios_and_targets(gemma_bench):
     assert report["meta"]["args"]["backends"] == ["jax"]  # the model's own defaults
     assert report["rank_scaling"] == [] and report["inference"] == []
     recs = {r["name"]: r for r in report["records"]}
-    expected = {"lora3-all_linear", "lora3-all_linear-full_logits"} | ({"peft-all_linear"} if HAVE_PEFT else set())
+    expected = {"lora3-all_linear", "lora3-all_linear-full_logits", "lora3-all_linear-remat"} | (
+        {"peft-all_linear"} if HAVE_PEFT else set())
     assert set(recs) == expected
     lora, logits = recs["lora3-all_linear"], recs["lora3-all_linear-full_logits"]
     for r in recs.values():
@@ -224,6 +225,15 @@ def test_gemma_records_ratios_and_targets(gemma_bench):
     else:
         assert any(s["name"] == "peft-all_linear" for s in report["skipped"])
     assert "/full-logits" in proc.stdout and "q and v only" in proc.stdout
+    # trainer.remat=full beside the same setup: same adapter, its ratios and targets
+    remat = recs["lora3-all_linear-remat"]
+    assert remat["trainable_params"] == lora["trainable_params"] and remat["adapted_layers"] == lora["adapted_layers"]
+    assert remat["ratio_to_no_remat"] == pytest.approx(remat["median_step_s"] / lora["median_step_s"])
+    assert remat["train_memory_source"] == "peak RSS - RSS after build"  # no accelerator here
+    assert remat["train_memory_mb"] == remat["train_rss_mb"]
+    step = targets["jax: lora3-all_linear-remat: remat step / no-remat step"]
+    assert step["limit"] == 1.35 and step["value"] == pytest.approx(remat["ratio_to_no_remat"])
+    assert "rematerialisation (trainer.remat=full)" in proc.stdout
 
 
 def test_model_defaults():
@@ -242,6 +252,30 @@ def test_model_defaults():
         cli.parse_args(["--model", "gemma3_270m", "--setups", "frozen-floor"])  # a T5 setup
     with pytest.raises(SystemExit):
         cli.parse_args(["--model", "small", "--setups", "lora3-all_linear-full_logits"])
+    # remat is opt-in on either model family, never in the defaults (the default bench keeps its time)
+    assert "lora3-all_linear-remat" not in small.setups + gemma.setups
+    for model in ("small", "gemma3_270m"):
+        assert cli.parse_args(["--model", model, "--setups", "lora3-all_linear-remat"]).setups == [
+            "lora3-all_linear-remat"]
+
+
+def test_remat_targets_from_records():
+    from lora3.bench import cli
+
+    args = cli.parse_args(["--model", "tiny", "--backends", "jax,tensorflow"])
+    rec = lambda name, backend, s, mem, device=None: {  # noqa: E731
+        "name": name, "backend": backend, "median_step_s": s, "peak_rss_mb": 1.0, "optimizer_bytes": 1,
+        "train_memory_mb": device or mem,
+        "train_memory_source": "peak device memory" if device else "peak RSS - RSS after build"}
+    records = [rec("lora3-all_linear", "jax", 1.0, 100.0, 1000.0), rec("lora3-all_linear-remat", "jax", 1.3, 90.0, 500.0),
+               rec("lora3-all_linear", "tensorflow", 1.0, 100.0), rec("lora3-all_linear-remat", "tensorflow", 1.5, 90.0)]
+    t = {x["target"]: x for x in cli.check_targets(records, [], [], [], args)}
+    jax_mem = t["jax: lora3-all_linear-remat: remat training memory / no-remat (peak device memory)"]
+    assert jax_mem["value"] == pytest.approx(0.5) and jax_mem["ok"] is True
+    assert t["jax: lora3-all_linear-remat: remat step / no-remat step"]["ok"] is True
+    tf_mem = t["tensorflow: lora3-all_linear-remat: remat training memory / no-remat (peak RSS - RSS after build)"]
+    assert tf_mem["value"] == pytest.approx(0.9) and tf_mem["ok"] is False
+    assert t["tensorflow: lora3-all_linear-remat: remat step / no-remat step"]["ok"] is False
 
 
 def test_floor_targets_from_records():

@@ -105,6 +105,7 @@ def test_blocks_are_recomputed_in_the_backward_pass():
 @pytest.mark.one_backend
 def test_the_app_key_names_its_modes(compose):
     assert validate(compose([]))["trainer"]["remat"] == "none"
-    assert validate(compose(["trainer.remat=blocks", "backend=tensorflow"]))["trainer"]["remat"] == "blocks"
-    with pytest.raises(AppConfigError, match=r"trainer.remat=.everything. is not valid: it must be one of none, blocks"):
+    assert validate(compose(["trainer.remat=full", "backend=tensorflow"]))["trainer"]["remat"] == "full"
+    assert validate(compose(["trainer.remat=blocks"]))["trainer"]["remat"] == "blocks"  # the earlier name
+    with pytest.raises(AppConfigError, match=r"trainer.remat=.everything. is not valid: it must be one of none, full, blocks"):
         validate(compose(["trainer.remat=everything"]))

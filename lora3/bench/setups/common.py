@@ -65,7 +65,12 @@ CAUSAL_SETUPS = {
     **{name: SETUPS[name] for name in ("keras-qv", "peft-all_linear")},
 }
 FULL_LOGITS = {"lora3-all_linear-full_logits"}
-ALL_SETUPS = {**SETUPS, **CAUSAL_SETUPS}
+# Opt-in setups of either model family (not in the defaults, so the default bench keeps its time):
+# lora3 all_linear with `trainer.remat=full`, every transformer block recomputed in the backward pass
+# (`lora3.run.remat.remat_blocks`); its pair is the setup without the suffix.
+REMAT = {"lora3-all_linear-remat": SETUPS["lora3-all_linear"]}
+REMAT_SUFFIX = "-remat"
+ALL_SETUPS = {**SETUPS, **CAUSAL_SETUPS, **REMAT}
 
 
 def is_causal(model: str) -> bool:
@@ -73,7 +78,13 @@ def is_causal(model: str) -> bool:
 
 
 def setups_of(model: str) -> dict:
+    """The model's default setups."""
     return CAUSAL_SETUPS if is_causal(model) else SETUPS
+
+
+def valid_setups(model: str) -> dict:
+    """Every setup `--setups` accepts for the model: its defaults and the opt-in ones."""
+    return {**setups_of(model), **REMAT}
 
 
 def vocab_of(model: str) -> int:

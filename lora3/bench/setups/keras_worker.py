@@ -20,11 +20,12 @@ import numpy as np
 
 import lora3
 from lora3.run.cache import default_cache_dir
+from lora3.run.remat import remat_blocks
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lora3.bench.setups.common import (  # noqa: E402
-    ALL_SETUPS, CAUSAL_MODELS, FULL_LOGITS, MODELS, TIMELINE, batch_arrays, causal_batch, current_rss_mb,
+    ALL_SETUPS, CAUSAL_MODELS, FULL_LOGITS, MODELS, REMAT, TIMELINE, batch_arrays, causal_batch, current_rss_mb,
     is_causal, main, start_timed_phase, summarize_steps, time_steps,
 )
 
@@ -141,6 +142,9 @@ def prepare(spec, model):
         return 0
     if kind == "lora3":
         report = lora3.apply_lora(model, lora3.LoraConfig(rank=spec["rank"], alpha=spec["alpha"], targets=targets))
+        if spec["setup"] in REMAT:  # as the app's trainer.remat=full, after the surgery
+            if not remat_blocks(model):
+                raise ValueError(f"setup {spec['setup']!r}: --model {spec['model']} has no transformer block to remat")
         return len(report.rows)
     if kind == "keras" and is_causal(spec["model"]):
         # Keras' own LoRA as keras-hub users call it: the backbone's default names (`query`, `value`

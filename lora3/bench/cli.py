@@ -461,7 +461,6 @@ def aggregate(results, args):
             "train_rss_mb": max(r["peak_rss_mb"] - r["rss_after_build_mb"] for r in runs)
             if all("rss_after_build_mb" in r for r in runs) else None,
             "peak_device_mb": max((r.get("peak_device_mb") or 0.0 for r in runs), default=0.0) or None,
-            "train_memory_source": None,
             "trainable_params": first["trainable_params"],
             "total_params": first["total_params"],
             "adapted_layers": first["adapted_layers"],

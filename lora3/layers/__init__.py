@@ -2,7 +2,8 @@
 
 `LoRALayer` (`lora_layer.py`) is the shared base; `LoRADense` (`lora_dense.py`) and
 `LoRAEinsumDense` (`lora_einsum_dense.py`) wrap `keras.layers.Dense` and
-`keras.layers.EinsumDense`.
+`keras.layers.EinsumDense`. `low_rank.py` holds their two rank-r products, with gradients written
+for speed under XLA.
 """
 
 from lora3.layers.lora_dense import LoRADense

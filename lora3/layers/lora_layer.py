@@ -23,7 +23,8 @@ trains), so `call` costs one adapter whatever the number held. The adapter
 state read when `call` is traced: whoever switches it must drop compiled
 functions (`lora3.set_adapter` does, see `lora3.surgery.reset_compiled_functions`).
 
-The low-rank path is two thin products, so training never materialises the
+The low-rank path is two thin products (`lora3.layers.low_rank`, which gives the
+ones contracting the rank their own gradient), so training never materialises the
 full-size `A.T @ B` and never computes a gradient for the frozen kernel.
 A subclass names the keras class it wraps (`wrapped_class`) and says how its
 kernel reads as a matrix (`matrix_shape`), how to apply the kernel to an input

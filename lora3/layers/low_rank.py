@@ -28,11 +28,12 @@ Example:
 
 from keras import ops
 
-# Largest rank whose products are unrolled. Measured on XLA:CPU (forward + backward over the frozen
-# layer's): r=8 wins on every shape; r=16 wins at 512 tokens 512->1024 (+1190 against +1761 us) and
-# loses at 256 tokens (+447 against +378); from r=32 neither wins by much, and the unrolled fusion
-# grows with r.
-UNROLL_MAX_RANK = 16
+# Largest rank whose products are unrolled. r <= 8 wins on every layer shape measured and in the whole
+# FLAN-T5-small step. r=16 won on one layer shape and lost on another (512 tokens 512->1024: +1190
+# against +1761 us over the frozen layer; 256 tokens: +447 against +378), and in the whole step it cost
+# 1.17x the r=4 step against 1.04x as dots (`python -m lora3.bench --ranks ...`): from r=16 on the
+# dots stay.
+UNROLL_MAX_RANK = 8
 
 
 def _sum_of_outer_products(thin, wide):

@@ -45,14 +45,17 @@ def test_products_and_their_gradients_match_numpy(rank):
 
 
 def test_unrolled_products_accumulate_in_float32_under_bfloat16():
-    """bfloat16 operands: the sum over the rank is taken in float32, as a matmul accumulates. 1 + 15 terms
-    of 2**-9 is 1.0293 (1.03125 in bfloat16); summed in bfloat16 each term is under half a unit in the last
-    place of 1 and the sum stays 1.0."""
+    """bfloat16 operands: the sum over the rank is taken in float32, as a matmul accumulates. 1 plus r - 1
+    terms of 2**-9 is above 1 by more than half a bfloat16 step there (2**-8); summed in bfloat16 each term
+    is under half a step of 1 and the sum stays 1.0."""
     h = keras.ops.ones((4, UNROLL_MAX_RANK), "bfloat16")
     b = np.full((UNROLL_MAX_RANK, 3), 2.0**-9, "float32")
     b[0] = 1.0
     out = expand(h, keras.ops.cast(b, "bfloat16"))
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
-    np.testing.assert_array_equal(_np(keras.ops.cast(out, "float32")), np.full((4, 3), 1.03125, "float32"))
+    exact = np.float32(1 + (UNROLL_MAX_RANK - 1) * 2.0**-9)
+    rounded = _np(keras.ops.cast(keras.ops.cast(np.full((4, 3), exact), "bfloat16"), "float32"))
+    assert rounded[0, 0] > 1.0
+    np.testing.assert_array_equal(_np(keras.ops.cast(out, "float32")), rounded)
     hidden = project(keras.ops.ones((4, UNROLL_MAX_RANK), "bfloat16"), keras.ops.cast(b.T, "bfloat16"))
     assert keras.backend.standardize_dtype(hidden.dtype) == "bfloat16" and tuple(hidden.shape) == (4, 3)

@@ -16,7 +16,8 @@ at r = 8 (`experiments/benchmarks/lora_products.py`, JAX CPU) add 143 us to the 
 layer's 1,732 us (dots: 293) at 256 tokens, 512 -> 1024, and 106 against 281 us at
 512 tokens, 512 -> 384. Values are those of the plain matmuls up to float rounding
 (`tests/library/layers/test_low_rank.py` checks both paths against numpy). Above
-`UNROLL_MAX_RANK` both are plain matmuls.
+`UNROLL_MAX_RANK` both are plain matmuls. Measured on CPU only: on a GPU the same code runs
+(there both forms are bound by writing the full-size output), not yet timed.
 
 Example:
 >>> import numpy as np
@@ -31,7 +32,7 @@ from keras import ops
 # Largest rank whose products are unrolled. r <= 8 wins on every layer shape measured and in the whole
 # FLAN-T5-small step. r=16 won on one layer shape and lost on another (512 tokens 512->1024: +1190
 # against +1761 us over the frozen layer; 256 tokens: +447 against +378), and in the whole step it cost
-# 1.17x the r=4 step against 1.04x as dots (`python -m lora3.bench --ranks ...`): from r=16 on the
+# 1.17x the r=4 step against 1.09x as dots (`python -m lora3.bench --ranks ...`): from r=16 on the
 # dots stay.
 UNROLL_MAX_RANK = 8
 

@@ -13,7 +13,7 @@ def _np(x):
     return keras.ops.convert_to_numpy(x)
 
 
-@pytest.mark.parametrize("rank", [1, 8, UNROLL_MAX_RANK, UNROLL_MAX_RANK + 1, 2 * UNROLL_MAX_RANK])
+@pytest.mark.parametrize("rank", [1, 4, UNROLL_MAX_RANK, UNROLL_MAX_RANK + 1, 2 * UNROLL_MAX_RANK])
 def test_products_and_their_gradients_match_numpy(rank):
     """One SGD step of a LoRA layer on 3-D inputs (the products run on the flattened tokens) moves A and
     B by the numpy gradient of the MSE loss, and the output is the numpy forward."""

@@ -19,7 +19,6 @@ from keras import ops  # noqa: E402
 
 import lora3.layers.low_rank as low_rank  # noqa: E402
 from lora3.bench.setups import keras_worker as kw  # noqa: E402
-from lora3.bench.setups.common import MODELS, batch_arrays  # noqa: E402
 
 LOW_RANK = (low_rank.expand, low_rank.project)
 DOTS = (lambda h, b: ops.matmul(h, ops.cast(b, h.dtype)),
@@ -31,12 +30,9 @@ rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
 models = {}
 for name, (setup, (expand, project)) in VARIANTS.items():
     spec = dict(model="small", batch=8, enc_len=64, dec_len=32, seed=0, rank=8, alpha=16.0, setup=setup)
-    x = batch_arrays(spec, MODELS["small"]["vocabulary_size"])
-    y = x.pop("labels")
+    x, y, _ = kw.train_batch(spec)
     low_rank.expand, low_rank.project = expand, project  # read when the step is traced, below
-    model = kw.build_model(spec)
-    kw.prepare(spec, model)
-    kw.compile_model(model, spec)
+    model, _ = kw.ready_model(spec)
     for _ in range(3):
         model.train_on_batch(x, y)
     low_rank.expand, low_rank.project = LOW_RANK

@@ -23,7 +23,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_x
 import jax  # noqa: E402
 
 from lora3.bench.setups import keras_worker as kw  # noqa: E402
-from lora3.bench.setups.common import MODELS, batch_arrays  # noqa: E402
 
 STEPS = 3
 
@@ -44,11 +43,8 @@ def instructions(hlo_text):
 
 for setup in sys.argv[1:] or ["frozen-floor", "lora3-all_linear"]:
     spec = dict(model="small", batch=8, enc_len=64, dec_len=32, seed=0, rank=8, alpha=16.0, setup=setup)
-    x = batch_arrays(spec, MODELS["small"]["vocabulary_size"])
-    y = x.pop("labels")
-    model = kw.build_model(spec)
-    kw.prepare(spec, model)
-    kw.compile_model(model, spec)
+    x, y, _ = kw.train_batch(spec)
+    model, _ = kw.ready_model(spec)
     for _ in range(3):
         model.train_on_batch(x, y)
     info = instructions(kw.lower_train_step(model, x, y).compile().as_text())

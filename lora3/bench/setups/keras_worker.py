@@ -93,6 +93,16 @@ def fit_model(spec, model):
     return model
 
 
+def ready_model(spec):
+    """(model, adapted layers): the setup's model built, adapted or frozen (`prepare`), wrapped as
+    the app fits it (`fit_model`) and compiled, not yet run."""
+    model = build_model(spec)
+    adapted = prepare(spec, model)
+    model = fit_model(spec, model)
+    compile_model(model, spec)
+    return model, adapted
+
+
 def _count(variables):
     seen, n = set(), 0
     for v in variables:
@@ -219,10 +229,7 @@ def count_step_flops(model, x, y, spec, sw=None):
 def run_train(spec):
     x, y, sw = train_batch(spec)
     t0 = time.perf_counter()
-    model = build_model(spec)
-    adapted = prepare(spec, model)
-    model = fit_model(spec, model)
-    compile_model(model, spec)
+    model, adapted = ready_model(spec)
     build_s = time.perf_counter() - t0
     rss_after_build = current_rss_mb()  # imports + model: what every setup pays before training
 
@@ -339,10 +346,7 @@ def run_round_robin(spec):
     for setup, rank in points:
         s = dict(spec, setup=setup, rank=rank)
         x, y, sw = batches[setup, rank] = train_batch(s)
-        model = build_model(s)
-        prepare(s, model)
-        model = fit_model(s, model)
-        compile_model(model, s)
+        model, _ = ready_model(s)
         t0 = time.perf_counter()
         model.train_on_batch(x, y, sample_weight=sw)
         compile_s[setup, rank] = time.perf_counter() - t0

@@ -50,6 +50,7 @@ _LAZY = {
     "active_adapter": "lora3.adapter_set",
     "adapter_names": "lora3.adapter_set",
     "add_weighted_adapter": "lora3.adapter_set",
+    "fuse_attention": "lora3.fused_attention",
 }
 
 __all__ = ["LoraConfig", "AdapterError", "LoraConfigError", "Lora3Error", "__version__", *_LAZY]

@@ -7,7 +7,8 @@ median step time, alternating the two steps.
 
 t5_base: FLAN-T5-base's architecture (random init), the tutorial recipe's batch 16 x (128 + 128), LoRA
 all_linear r=8, loss over the untied head. gemma3_270m: the real Gemma 3 270M, the Gemma 3 study's batch
-(8 x (1 + 56 + 36)), LoRA all_linear r=8, lora3's completion loss.
+(8 x (1 + 56 + 36)), LoRA all_linear r=8, lora3's completion loss. gemma3_270m_arch: its architecture
+with random weights (the GPU machine, where the GGUF cannot travel).
 """
 
 import argparse
@@ -19,6 +20,8 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 import numpy as np  # noqa: E402
+
+from lora3.bench.setups.common import CAUSAL_MODELS  # noqa: E402  (no keras import)
 
 
 def build(model):
@@ -49,9 +52,13 @@ def build(model):
         from lora3.run import gemma3_gguf, models
         from lora3.run.completion import CompletionLoss
 
-        where = gemma3_gguf.ensure_preset(gemma3_gguf.packaged_gguf(), os.environ.get("LORA3_CACHE"))
-        bundle = models.build({"name": "gemma3_270m", "family": "gemma3", "preset": str(where)}, [], seed=0)
-        lm = bundle.model
+        if model == "gemma3_270m":
+            where = gemma3_gguf.ensure_preset(gemma3_gguf.packaged_gguf(), os.environ.get("LORA3_CACHE"))
+            lm = models.build({"name": "gemma3_270m", "family": "gemma3", "preset": str(where)}, [], seed=0).model
+        else:  # the same architecture, random weights (where the GGUF cannot be had: the GPU machine)
+            lm = keras_hub.models.Gemma3CausalLM(
+                backbone=keras_hub.models.Gemma3Backbone(**CAUSAL_MODELS["gemma3_270m_arch"]["arch"]),
+                preprocessor=None)
         backbone = lm.backbone
         n, length, k = 8, 93, 36
         positions = np.tile(np.arange(56, 56 + k), (n, 1)).astype("int32")
@@ -94,7 +101,7 @@ def compiled_step(backbone, loss_fn, x, y):
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--model", choices=["t5_base", "gemma3_270m"], default="t5_base")
+    p.add_argument("--model", choices=["t5_base", "gemma3_270m", "gemma3_270m_arch"], default="t5_base")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--only", choices=["none", "blocks"], default=None,

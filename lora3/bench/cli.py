@@ -129,7 +129,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="small", choices=sorted(MODELS) + sorted(CAUSAL_MODELS),
                    help="T5 size: tiny (tests), small (FLAN-T5-small, default), base (FLAN-T5-base); or "
-                        "gemma3_270m (the real Gemma 3 270M, its own setups), gemma3_tiny (its random stand-in)")
+                        "gemma3_270m (the real Gemma 3 270M, its own setups), gemma3_270m_arch (its architecture, random "
+                        "weights: where the GGUF cannot be had), gemma3_tiny (a tiny random stand-in)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--enc-len", type=int, default=64, help="encoder tokens (T5)")
     p.add_argument("--dec-len", type=int, default=32, help="decoder tokens (T5)")

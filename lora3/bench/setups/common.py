@@ -32,6 +32,14 @@ MODELS = {
 # `prompt_len` prompt tokens and `completion_len` completion tokens, the loss on the completion only.
 CAUSAL_MODELS = {
     "gemma3_270m": dict(gguf=True, vocabulary_size=262144),
+    # The 270M's architecture with random weights (keras-hub's config of the converted GGUF): speed and
+    # memory only, where the GGUF cannot be had (the GPU machine); no PEFT twin holds the same weights.
+    "gemma3_270m_arch": dict(gguf=False, vocabulary_size=262144, arch=dict(
+        vocabulary_size=262144, image_size=None, num_layers=18, num_query_heads=4, num_key_value_heads=1,
+        hidden_dim=640, intermediate_dim=2048, head_dim=256, query_head_dim_normalize=True,
+        use_query_key_norm=True, use_post_ffw_norm=True, use_post_attention_norm=True,
+        attention_logit_soft_cap=None, final_logit_soft_cap=None, use_sliding_window_attention=True,
+        sliding_window_size=512, vision_encoder=None, layer_norm_epsilon=1e-6)),
     "gemma3_tiny": dict(gguf=False, vocabulary_size=512, arch=dict(
         vocabulary_size=512, image_size=None, num_layers=2, num_query_heads=2, num_key_value_heads=1,
         hidden_dim=32, intermediate_dim=64, head_dim=16, query_head_dim_normalize=True,

@@ -26,6 +26,41 @@ except ImportError:  # not POSIX
 BACKENDS = ("jax", "tensorflow")
 
 
+# What keras-hub imports whenever it is installed (its preprocessors' tf.data path), though a JAX job on
+# Gemma never calls it: TensorFlow alone adds about 570 MB to the process's memory and seconds to its
+# start. Two families need it on every backend: keras-hub's T5 `generate()` strips its output with
+# `tf.ragged`, and keras-hub 0.32's `Gemma3CausalLMPreprocessor` refuses to be built without TensorFlow.
+TENSORFLOW_MODULES = ("tensorflow", "tensorflow_text", "tf_keras")
+NEEDS_TENSORFLOW = ("t5", "gemma3")
+
+
+class _TensorFlowLeftOut:
+    """A meta-path finder: `import tensorflow` (and what needs it) fails, as where it is not installed,
+    with a message that says why; libraries that import it optionally (keras-hub) carry on without."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in TENSORFLOW_MODULES:
+            raise ModuleNotFoundError(
+                f"lora3 left {fullname} out of this backend={self.backend} process (its model family does not need it; "
+                f"it would cost ~570 MB); run with backend=tensorflow to have it", name=fullname)
+        return None
+
+
+def leave_out_tensorflow(backend: str) -> bool:
+    """Makes TensorFlow unimportable in this process (see `_TensorFlowLeftOut`), unless it is already
+    imported or is the backend. Returns whether it is left out. `USE_TF=0` tells Hugging Face's
+    libraries (datasets) not to look for it."""
+    if backend == "tensorflow" or any(m in sys.modules for m in TENSORFLOW_MODULES):
+        return False
+    if not any(isinstance(f, _TensorFlowLeftOut) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TensorFlowLeftOut(backend))
+    os.environ.setdefault("USE_TF", "0")
+    return True
+
+
 class BackendMismatch(RuntimeError):
     """keras is already imported in this process with a different backend."""
 
@@ -48,8 +83,9 @@ def _quiet_env():
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
-def select(backend: str):
-    """Makes `backend` the Keras backend of this process and returns the keras module."""
+def select(backend: str, tensorflow: bool = True):
+    """Makes `backend` the Keras backend of this process and returns the keras module. With
+    `tensorflow=False` on another backend, TensorFlow stays out of the process (`leave_out_tensorflow`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not valid; valid: {', '.join(BACKENDS)}")
     current = imported_backend()
@@ -61,6 +97,8 @@ def select(backend: str):
     if current is None:
         os.environ["KERAS_BACKEND"] = backend
         _quiet_env()
+        if not tensorflow:
+            leave_out_tensorflow(backend)
     import keras  # the one place keras is first imported: after KERAS_BACKEND is set above
 
     actual = keras.backend.backend()
@@ -76,7 +114,11 @@ def select(backend: str):
 def start(plain) -> object:
     """The job's keras: `select(backend)`, a clean session (a multirun reuses the process), the dtype
     policy (`trainer.precision`), the seed, and `keras.distribution` (set before the model is built)."""
-    keras = select(plain["backend"])
+    family = plain["model"]["family"]
+    keras = select(plain["backend"], tensorflow=family in NEEDS_TENSORFLOW)
+    if any(isinstance(f, _TensorFlowLeftOut) for f in sys.meta_path):
+        print(f"[lora3] TensorFlow left out of this process (model family {family} on {plain['backend']} "
+              f"does not need it: ~570 MB less memory)", flush=True)
     keras.backend.clear_session()
     keras.config.set_dtype_policy(plain["trainer"]["precision"])
     keras.utils.set_random_seed(plain["seed"])

@@ -44,3 +44,43 @@ def test_versions_and_devices_report_what_runs():
     assert BACKEND in v  # the running backend's library (others are listed only if something imported them)
     assert backend.devices() and all(isinstance(d, str) for d in backend.devices())
     assert backend.peak_memory()["host_peak_rss_bytes"] > 0
+
+
+def test_tensorflow_is_left_out_of_a_job_that_does_not_need_it():
+    """`select(backend, tensorflow=False)` off TensorFlow: keras-hub imports and builds a Gemma without it,
+    `import tensorflow` fails with a message naming the way back; on TensorFlow it is the backend."""
+    code = ("import sys; from lora3.run import backend\n"
+            f"k = backend.select({BACKEND!r}, tensorflow=False)\n"
+            "import keras_hub\n"
+            "keras_hub.models.GemmaBackbone(vocabulary_size=50, num_layers=1, num_query_heads=2, num_key_value_heads=1,"
+            " hidden_dim=16, intermediate_dim=32, head_dim=8)\n"
+            "print('imported', 'tensorflow' in sys.modules)\n"
+            "try:\n    import tensorflow\nexcept ImportError as e:\n    print('refused', e)\n")
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if BACKEND == "tensorflow":
+        assert proc.stdout.split()[:2] == ["imported", "True"] and "refused" not in proc.stdout
+    else:
+        assert proc.stdout.split()[:2] == ["imported", "False"]
+        assert "refused lora3 left tensorflow out" in proc.stdout and "backend=tensorflow" in proc.stdout
+
+
+@pytest.mark.one_backend
+def test_t5_and_gemma3_jobs_keep_tensorflow():
+    """keras-hub's T5 generate() calls tf.ragged on any backend and its Gemma3CausalLMPreprocessor refuses to
+    exist without TensorFlow; Gemma (1, 2) jobs leave it out, and select() keeps it by default."""
+    assert backend.NEEDS_TENSORFLOW == ("t5", "gemma3")
+    proc = _python("import sys; from lora3.run import backend; backend.select('jax'); import keras_hub; "
+                   "print('tensorflow' in sys.modules)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "True"  # the default: as keras-hub does when TensorFlow is installed
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow is the backend: nothing to leave out")
+def test_a_gemma_job_runs_without_tensorflow(run_cli, lora3_cache, tmp_path):
+    """Training, evaluation and greedy generation of a Gemma job, in a process TensorFlow never enters."""
+    r = run_cli("experiment=smoke", "model=gemma_tiny", f"cache_dir={lora3_cache}", f"hydra.run.dir={tmp_path}",
+                timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "TensorFlow left out of this process (model family gemma" in r.stdout
+    assert "val/bleu" in r.stdout  # generation ran

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import lora3
 from lora3.errors import Lora3Error
 from lora3.run import data as data_mod
 from lora3.run import distribution as dist_mod
@@ -69,6 +70,9 @@ def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None
             if plain["trainer"]["remat"] in remat.RECOMPUTE_BLOCKS:       # recompute each block in the backward pass
                 log.info("trainer.remat=%s: %d transformer blocks recomputed in the backward pass",
                          plain["trainer"]["remat"], len(remat.remat_blocks(bundle.model)))
+            if plain["trainer"]["fused_attention"]:                      # T5 attention as one fused op
+                log.info("trainer.fused_attention=true: %d attention layers fused",
+                         len(lora3.fuse_attention(bundle.model)))
             params = finetune.prepare(bundle, plain, out)               # 6. LoRA surgery | full | frozen
             train_arrays, tokens_per_step = finetune.compile_and_encode(bundle, plain, data)
             splits = ev.prepare_splits(bundle, data, plain)             # 7. val (and test) arrays, BLEU subsets

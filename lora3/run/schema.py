@@ -218,6 +218,7 @@ class TrainerConfig(_Node):
     skip_nonfinite: Bool = False
     lora_plus_ratio: Optional[PositiveNum] = None   # LoRA+: B's learning rate = ratio x A's (null: off)
     remat: Choice(*REMAT_MODES) = "none"              # lora3.run.remat: none | full (each transformer block recomputed; blocks: same)
+    fused_attention: Bool = False                     # lora3.fuse_attention: T5 attention as one dot_product_attention (cuDNN on a GPU)
     inject_nonfinite_steps: Annotated[list[PositiveInt], Field(
         description="a list of optimizer steps (positive integers), e.g. [3] or []")] = []
 

@@ -125,3 +125,13 @@ def test_a_model_without_t5_attention_is_left_alone():
     gemma = keras_hub.models.GemmaBackbone(vocabulary_size=50, num_layers=1, num_query_heads=2,
                                            num_key_value_heads=1, hidden_dim=16, intermediate_dim=32, head_dim=8)
     assert lora3.fuse_attention(gemma) == []
+
+
+def test_the_app_fuses_t5_attention_when_asked(run_cli, lora3_cache, tmp_path):
+    """trainer.fused_attention=true: the smoke job (T5, one layer of each stack: 3 attention layers) trains,
+    evaluates and generates with the fused layers; the key is off by default."""
+    r = run_cli("experiment=smoke", "trainer.fused_attention=true", f"cache_dir={lora3_cache}",
+                f"hydra.run.dir={tmp_path}", timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "trainer.fused_attention=true: 3 attention layers fused" in r.stdout + r.stderr
+    assert "val/bleu" in r.stdout

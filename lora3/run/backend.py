@@ -28,10 +28,10 @@ BACKENDS = ("jax", "tensorflow")
 
 # What keras-hub imports whenever it is installed (its preprocessors' tf.data path), though a JAX job on
 # Gemma never calls it: TensorFlow alone adds about 570 MB to the process's memory and seconds to its
-# start. Two families need it on every backend: keras-hub's T5 `generate()` strips its output with
-# `tf.ragged`, and keras-hub 0.32's `Gemma3CausalLMPreprocessor` refuses to be built without TensorFlow.
+# start. T5 needs it on every backend: keras-hub's T5 `generate()` strips its output with `tf.ragged`.
+# (Gemma 3 runs without keras-hub's preprocessor, which would need it: lora3.run.models.WITHOUT_PREPROCESSOR.)
 TENSORFLOW_MODULES = ("tensorflow", "tensorflow_text", "tf_keras")
-NEEDS_TENSORFLOW = ("t5", "gemma3")
+NEEDS_TENSORFLOW = ("t5",)
 
 
 class _TensorFlowLeftOut:

@@ -160,8 +160,9 @@ def train(bundle, train_arrays, evaluate_fn, plain: Mapping[str, Any], out: Path
                     callbacks=callbacks, tokens_per_step=tokens_per_step)
 
 
-def save(model, plain: Mapping[str, Any], out: Path) -> dict:
-    """Writes the adapter (`adapter/`) or the fully fine-tuned model (`model/`); returns their paths."""
+def save(model, plain: Mapping[str, Any], out: Path, tokenizer=None) -> dict:
+    """Writes the adapter (`adapter/`) or the fully fine-tuned model (`model/`, with `tokenizer` when the
+    model runs without keras-hub's preprocessor); returns their paths."""
     if plain["finetune"] == "lora":
         saved = {"adapter": lora3.save_adapter(model, out / "adapter")}
         if plain["lora"].get("export") == "peft":  # a copy that PEFT, vLLM and TGI load
@@ -170,6 +171,6 @@ def save(model, plain: Mapping[str, Any], out: Path) -> dict:
         return saved
     if plain["finetune"] == "full":
         with staged_dir(out / "model") as tmp:
-            model.save_to_preset(tmp)
+            models.save_preset(model, tokenizer, tmp)
         return {"model": str(out / "model")}
     return {}

@@ -265,6 +265,8 @@ def convert(gguf_path: str | os.PathLike, target: str | os.PathLike, sha256: str
     or not at all)."""
     import keras_hub  # here, not at the top: keras is imported only after the app has chosen the backend
 
+    from lora3.run import models  # likewise (it imports keras-hub's classes on use)
+
     target = Path(target)
     with staged_dir(target) as work, tempfile.TemporaryDirectory(prefix=".hf-", dir=target.parent) as hf_dir:
         t0 = time.perf_counter()
@@ -272,8 +274,10 @@ def convert(gguf_path: str | os.PathLike, target: str | os.PathLike, sha256: str
         hp = write_hf_dir(gguf_path, hf_dir)
         print(f"[lora3]   {hp['num_layers']} layers, vocabulary {hp['vocabulary_size']:,} "
               f"({time.perf_counter() - t0:.0f}s); building the keras-hub model ...", flush=True)
-        model = keras_hub.models.Gemma3CausalLM.from_preset(hf_dir)
-        model.save_to_preset(work)
+        # Without keras-hub's preprocessor, which needs TensorFlow (lora3 runs Gemma 3 without it:
+        # lora3.run.models.WITHOUT_PREPROCESSOR); keras-hub builds its default one from the tokenizer.
+        model = keras_hub.models.Gemma3CausalLM.from_preset(hf_dir, preprocessor=None)
+        models.save_preset(model, keras_hub.models.Gemma3Tokenizer.from_preset(hf_dir), work)
         atomic_write_text(Path(work) / "lora3_gguf.json", json.dumps({
             "gguf": str(gguf_path), "gguf_sha256": sha256 or sha256_file(gguf_path), "converter": CONVERTER_VERSION,
             "keras_hub": keras_hub.__version__, "params": int(model.count_params()), "hparams": hp,

@@ -81,7 +81,7 @@ def run_job(cfg, output_dir: str | os.PathLike, *, job: Mapping[str, Any] | None
             result = finetune.train(bundle, train_arrays, ev.validation_fn(bundle, splits, plain),  # 9. train
                                     plain, out, tracker, callbacks=callbacks, tokens_per_step=tokens_per_step)
             final = ev.after_training(bundle, splits, plain, result, before)
-            saved = finetune.save(bundle.model, plain, out)             # 10. adapter or full model
+            saved = finetune.save(bundle.model, plain, out, tokenizer=bundle.tokenizer)             # 10. adapter or full model
             return outputs.finish(plain, out, job, keras, bundle, data, params, before, final,
                                   result, saved, tracker, t_start)
 

@@ -30,6 +30,10 @@ from lora3.run.cache import default_cache_dir
 from lora3.run.data import can_reach
 
 FAMILIES = {"t5": "seq2seq", "gemma": "causal", "gemma3": "causal"}
+# Families lora3 runs without keras-hub's preprocessor: it tokenizes, packs and detokenizes itself (it
+# already does for training), because keras-hub 0.32's `Gemma3CausalLMPreprocessor` refuses to exist
+# without TensorFlow, which a JAX job on Gemma 3 then never imports (~570 MB; `lora3.run.backend`).
+WITHOUT_PREPROCESSOR = ("gemma3",)
 KAGGLE_HOST = "www.kaggle.com"
 
 
@@ -180,7 +184,42 @@ class ModelBundle:
         stats["kept_index"] = keep
         return x, y, sw, stats
 
+    def save_to_preset(self, directory: str | os.PathLike):
+        """The model as a keras-hub preset directory (`save_preset`)."""
+        save_preset(self.model, self.tokenizer, directory)
+
     # ---- greedy generation
+    def _generate_causal_ids(self, prompts: list[str], length: int, batch_size: int,
+                             first_line: bool = True, stops: list[int] | None = None) -> list[str]:
+        """`generate()` of a decoder-only model without keras-hub's preprocessor, doing what its
+        `generate_preprocess` / `generate_postprocess` do: `<bos>` + prompt right-padded to `length` (the
+        prompt cut to fit), keras-hub's greedy loop on the token ids (it stops at the stop tokens and masks
+        what follows), then the completion's tokens without special tokens, detokenized (its first line)."""
+        tok = self.tokenizer
+        special = {int(i) for i in getattr(tok, "special_token_ids", [])}
+        stops = self.stop_token_ids() if stops is None else stops
+        ids = _tokenize(tok, prompts)
+        out = []
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start:start + batch_size]
+            n = len(batch)
+            batch = batch + [batch[-1]] * (batch_size - n)  # a fixed batch: the function compiles once
+            token_ids = np.full((batch_size, length), int(tok.pad_token_id), "int32")
+            mask = np.zeros((batch_size, length), bool)
+            for row, seq in enumerate(batch):
+                seq = [int(tok.start_token_id), *seq][:length]
+                token_ids[row, :len(seq)] = seq
+                mask[row, :len(seq)] = True
+            res = self.model.generate({"token_ids": token_ids, "padding_mask": mask}, stop_token_ids=stops,
+                                      strip_prompt=True)
+            gen, keep = np.asarray(res["token_ids"]), np.asarray(res["padding_mask"]).astype(bool)
+            for row in range(n):
+                kept = [int(t) for t in gen[row][keep[row]] if int(t) not in special]
+                text = tok.detokenize([kept])[0] if kept else ""
+                text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+                out.append(text.lstrip().split("\n")[0].strip() if first_line else text)
+        return out
+
     def generate(self, inputs: list[str], max_length: int, batch_size: int, src_len: int,
                  sources: list[str] | None = None) -> list[str]:
         """Greedy translations (the model must be compiled with sampler="greedy").
@@ -191,6 +230,8 @@ class ModelBundle:
         """
         model = self.model
         pre = model.preprocessor
+        if pre is None and self.kind == "causal":
+            return self._generate_causal_ids(self.prompts(inputs, sources), src_len + max_length + 1, batch_size)
         if self.kind == "seq2seq":
             pre.encoder_sequence_length = src_len
             pre.decoder_sequence_length = max_length
@@ -348,9 +389,39 @@ def _gguf_unavailable(gguf: str) -> str | None:
     return None
 
 
+def save_preset(model, tokenizer, directory: str | os.PathLike):
+    """`model.save_to_preset(directory)`; for a model without keras-hub's preprocessor, also its tokenizer
+    and the preprocessor's config (`preprocessor.json`, and in `task.json`) as keras-hub would write it
+    for the task's default preprocessor over this tokenizer (which lora3 cannot build where TensorFlow is
+    left out), so that `<Task>.from_preset(directory)` loads it whole and `preprocessor=None` without."""
+    import inspect
+
+    import keras
+
+    directory = Path(directory)
+    model.save_to_preset(str(directory))
+    if model.preprocessor is not None:
+        return
+    tokenizer.save_to_preset(str(directory))
+    cls = type(model).preprocessor_cls
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty and k not in ("image_converter", "audio_converter")}
+    config = {"module": cls.__module__, "class_name": cls.__name__,
+              "config": {"name": keras.src.utils.naming.to_snake_case(cls.__name__), "trainable": True,
+                         "dtype": keras.saving.serialize_keras_object(keras.DTypePolicy("float32")),
+                         "tokenizer": json.loads((directory / "tokenizer.json").read_text()),
+                         "config_file": "preprocessor.json", **defaults},
+              "registered_name": f"keras_hub>{cls.__name__}"}
+    (directory / "preprocessor.json").write_text(json.dumps(config, indent=4))
+    task = json.loads((directory / "task.json").read_text())
+    task["config"]["preprocessor"] = config
+    (directory / "task.json").write_text(json.dumps(task, indent=4))
+
+
 def load_preset(preset: str, family: str):
     """Loads a keras-hub task model from a preset name or a local preset directory (a relative
-    path: against the directory the app was run from)."""
+    path: against the directory the app was run from). Returns (model, family, where, tokenizer): a
+    family in `WITHOUT_PREPROCESSOR` comes without keras-hub's preprocessor, its tokenizer apart."""
     local = Path(os.path.expanduser(preset))
     local = local.resolve() if local.is_dir() else None
     task_cls = _task_classes(family)[0]
@@ -370,14 +441,19 @@ def load_preset(preset: str, family: str):
             )
         target = preset
     try:
-        model = task_cls.from_preset(target)
+        if family in WITHOUT_PREPROCESSOR:
+            model = task_cls.from_preset(target, preprocessor=None)
+            tokenizer = _task_classes(family)[2].from_preset(target)
+        else:
+            model = task_cls.from_preset(target)
+            tokenizer = model.preprocessor.tokenizer
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(
             f"cannot load keras-hub preset {target!r} as {task_cls.__name__}: {first}. "
             "Pass a local preset directory with model.preset=<local dir>"
         ) from None
-    return model, family, str(local) if local else preset
+    return model, family, str(local) if local else preset, tokenizer
 
 
 def _numpy_init(backbone, seed: int, embedding_stddev: float | None):
@@ -420,7 +496,7 @@ def build(model_cfg: Mapping[str, Any], tokenizer_texts: list[str], *, seed: int
     info = {"name": model_cfg.get("name"), "family": family, **dict(info or {})}
     preset = model_cfg.get("preset")
     if preset:
-        model, family, where = load_preset(str(preset), family)
+        model, family, where, tokenizer = load_preset(str(preset), family)
         info.update(preset=where, family=family)
     else:
         config = dict(model_cfg.get("config") or {})
@@ -437,10 +513,9 @@ def build(model_cfg: Mapping[str, Any], tokenizer_texts: list[str], *, seed: int
         except TypeError as e:
             raise ModelError(f"model.config does not fit {backbone_cls.__name__}: {e}") from None
         _numpy_init(backbone, seed, model_cfg.get("embedding_init_stddev"))
-        preprocessor = pre_cls(tokenizer)
+        preprocessor = None if family in WITHOUT_PREPROCESSOR else pre_cls(tokenizer)
         model = task_cls(backbone=backbone, preprocessor=preprocessor)
         info.update(config=dict(model_cfg.get("config")), tokenizer_path=str(path), tokenizer_cached=cached)
-    tokenizer = model.preprocessor.tokenizer
     info.update(vocabulary_size=int(tokenizer.vocabulary_size()), params=int(model.count_params()))
     return ModelBundle(model=model, family=family, kind=FAMILIES[family], tokenizer=tokenizer, info=info,
                        prompt_template=prompt_template, completion_prefix=completion_prefix)

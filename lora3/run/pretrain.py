@@ -240,7 +240,7 @@ def build(spec: Mapping[str, Any], target: Path) -> dict:
                              src_len=src_len, max_length=tgt_len)
         print(f"[lora3] base on its source task ({source_name(b)}, {k} held-out pairs): "
               f"BLEU {scores['val/bleu']:.2f}, chrF {scores['val/chrf']:.2f}", flush=True)
-        bundle.model.save_to_preset(str(scratch))
+        bundle.save_to_preset(scratch)
         shutil.rmtree(scratch / "tok", ignore_errors=True)
         shutil.rmtree(scratch / "checkpoints", ignore_errors=True)
         info = {

@@ -120,6 +120,45 @@ def test_matches_transformers_gguf_loader(tiny_gguf, tiny_preset):
 
 
 @pytest.mark.one_backend
+def test_lora3_runs_gemma3_without_keras_hubs_preprocessor_and_generates_what_it_would(tiny_preset, tmp_path):
+    """The app's Gemma 3 (no keras-hub preprocessor, which needs TensorFlow): its tokenizer apart, and
+    greedy generation from token ids equal, string for string, to keras-hub's own preprocessor path on the
+    same weights; the preset it saves loads in keras-hub alone, preprocessor included."""
+    import keras_hub
+
+    bundle = models.build({"name": "tiny", "family": "gemma3", "preset": str(tiny_preset)}, [], seed=0)
+    assert bundle.model.preprocessor is None and isinstance(bundle.tokenizer, keras_hub.models.Gemma3Tokenizer)
+    bundle.model.compile(sampler="greedy")
+    prompts = STRINGS[:3] + ["", "x" * 80]  # an empty prompt, and one cut to fit
+    full = bundle.prompts(prompts, prompts)
+    # the raw completions, stopping at <eos> only (the tiny random model's first token is often a newline)
+    eos = [int(bundle.tokenizer.end_token_id)]
+    reference = keras_hub.models.Gemma3CausalLM.from_preset(str(tiny_preset))  # with keras-hub's preprocessor
+    reference.compile(sampler="greedy")
+    reference.preprocessor.sequence_length = 16 + 12 + 1
+    # the same random weights in both (the tiny file's own weights generate only newlines)
+    rng = np.random.default_rng(0)
+    theirs_by_path = {v.path: v for v in reference.weights}
+    for v in bundle.model.weights:
+        value = rng.normal(0, 0.5, v.shape).astype("float32")
+        v.assign(value)
+        theirs_by_path[v.path].assign(value)
+    ours = bundle._generate_causal_ids(full, 16 + 12 + 1, batch_size=4, first_line=False, stops=eos)
+    text = lambda t: t.decode() if isinstance(t, bytes) else str(t)  # noqa: E731
+    theirs = [text(reference.generate([p], max_length=16 + 12 + 1, strip_prompt=True, stop_token_ids=eos)[0])
+              for p in full]
+    assert ours == theirs and sum(map(len, ours)) > 20  # long completions (the tiny vocabulary spells them as newlines)
+    # and what the app keeps: the first line, stopping at <eos>, <end_of_turn> or a newline
+    stops = bundle.stop_token_ids()
+    assert bundle.generate(prompts, max_length=12, batch_size=4, src_len=16, sources=prompts) == [
+        text(reference.generate([p], max_length=29, strip_prompt=True, stop_token_ids=stops)[0]).lstrip()
+        .split("\n")[0].strip() for p in full]
+    bundle.save_to_preset(tmp_path / "saved")
+    again = keras_hub.models.Gemma3CausalLM.from_preset(str(tmp_path / "saved"))
+    assert again.preprocessor is not None and again.preprocessor.tokenizer.vocabulary_size() == \
+        bundle.tokenizer.vocabulary_size()
+
+
 def test_refuses_other_files_by_name(tmp_path):
     import gguf
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 import lora3
+from lora3.run.backend import NEEDS_TENSORFLOW, leave_out_tensorflow
 from lora3.run.cache import default_cache_dir
 from lora3.run.remat import remat_blocks
 
@@ -376,6 +377,9 @@ def run_round_robin(spec):
 
 
 def run(spec):
+    if is_causal(spec["model"]) and "gemma3" not in NEEDS_TENSORFLOW:
+        # As the app's Gemma 3 job (lora3.run.backend.start): TensorFlow left out unless it is the backend.
+        leave_out_tensorflow(os.environ.get("KERAS_BACKEND", "jax"))
     if spec["setup"] == "inference":
         return run_inference(spec)
     if spec["setup"] in ("rank-sweep", "round-robin"):

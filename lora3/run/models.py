@@ -197,6 +197,8 @@ class ModelBundle:
         what follows), then the completion's tokens without special tokens, detokenized (its first line)."""
         tok = self.tokenizer
         special = {int(i) for i in getattr(tok, "special_token_ids", [])}
+        # as keras-hub's Gemma 3 postprocessing: <start_of_image> is the user's, not stripped
+        special.discard(int(getattr(tok, "start_of_image_token_id", -1)))
         stops = self.stop_token_ids() if stops is None else stops
         ids = _tokenize(tok, prompts)
         out = []

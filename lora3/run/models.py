@@ -17,7 +17,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -396,8 +398,6 @@ def save_preset(model, tokenizer, directory: str | os.PathLike):
     and the preprocessor's config (`preprocessor.json`, and in `task.json`) as keras-hub would write it
     for the task's default preprocessor over this tokenizer (which lora3 cannot build where TensorFlow is
     left out), so that `<Task>.from_preset(directory)` loads it whole and `preprocessor=None` without."""
-    import inspect
-
     import keras
 
     directory = Path(directory)
@@ -409,7 +409,7 @@ def save_preset(model, tokenizer, directory: str | os.PathLike):
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty and k not in ("image_converter", "audio_converter")}
     config = {"module": cls.__module__, "class_name": cls.__name__,
-              "config": {"name": keras.src.utils.naming.to_snake_case(cls.__name__), "trainable": True,
+              "config": {"name": re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls.__name__).lower(), "trainable": True,
                          "dtype": keras.saving.serialize_keras_object(keras.DTypePolicy("float32")),
                          "tokenizer": json.loads((directory / "tokenizer.json").read_text()),
                          "config_file": "preprocessor.json", **defaults},

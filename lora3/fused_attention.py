@@ -20,8 +20,8 @@ Example:
 >>> backbone = keras_hub.models.T5Backbone(vocabulary_size=50, num_layers=1, num_heads=2,
 ...     hidden_dim=8, intermediate_dim=16, key_value_dim=4)
 >>> fuse_attention(backbone)
-['transformer_encoder_layer_0/self_attention', 'transformer_decoder_layer_0/self_attention', \
-'transformer_decoder_layer_0/cross_attention']
+['transformer_encoder_layer_0/self_attention', 'transformer_decoder_layer_0/cross_attention', \
+'transformer_decoder_layer_0/self_attention']
 """
 
 from __future__ import annotations

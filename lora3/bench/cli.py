@@ -291,7 +291,7 @@ def plan_jobs(args):
 
 def _max_rank(model):
     if is_causal(model):
-        a = CAUSAL_MODELS[model].get("arch") or dict(hidden_dim=640, intermediate_dim=2048, head_dim=256)
+        a = CAUSAL_MODELS[model].get("arch") or CAUSAL_MODELS["gemma3_270m_arch"]["arch"]
         return min(a["hidden_dim"], a["intermediate_dim"], a["head_dim"])
     a = MODELS[model]
     return min(a["hidden_dim"], a["intermediate_dim"], a["num_heads"] * a["key_value_dim"])

@@ -49,13 +49,18 @@ class _TensorFlowLeftOut:
         return None
 
 
+def tensorflow_left_out() -> bool:
+    """Whether `leave_out_tensorflow` has made TensorFlow unimportable in this process."""
+    return any(isinstance(f, _TensorFlowLeftOut) for f in sys.meta_path)
+
+
 def leave_out_tensorflow(backend: str) -> bool:
     """Makes TensorFlow unimportable in this process (see `_TensorFlowLeftOut`), unless it is already
     imported or is the backend. Returns whether it is left out. `USE_TF=0` tells Hugging Face's
     libraries (datasets) not to look for it."""
     if backend == "tensorflow" or any(m in sys.modules for m in TENSORFLOW_MODULES):
         return False
-    if not any(isinstance(f, _TensorFlowLeftOut) for f in sys.meta_path):
+    if not tensorflow_left_out():
         sys.meta_path.insert(0, _TensorFlowLeftOut(backend))
     os.environ.setdefault("USE_TF", "0")
     return True
@@ -116,7 +121,7 @@ def start(plain) -> object:
     policy (`trainer.precision`), the seed, and `keras.distribution` (set before the model is built)."""
     family = plain["model"]["family"]
     keras = select(plain["backend"], tensorflow=family in NEEDS_TENSORFLOW)
-    if any(isinstance(f, _TensorFlowLeftOut) for f in sys.meta_path):
+    if tensorflow_left_out():
         print(f"[lora3] TensorFlow left out of this process (model family {family} on {plain['backend']} "
               f"does not need it: ~570 MB less memory)", flush=True)
     keras.backend.clear_session()

@@ -192,11 +192,11 @@ class ModelBundle:
 
     # ---- greedy generation
     def _generate_causal_ids(self, prompts: list[str], length: int, batch_size: int,
-                             first_line: bool = True, stops: list[int] | None = None) -> list[str]:
+                             stops: list[int] | None = None) -> list[str]:
         """`generate()` of a decoder-only model without keras-hub's preprocessor, doing what its
         `generate_preprocess` / `generate_postprocess` do: `<bos>` + prompt right-padded to `length` (the
         prompt cut to fit), keras-hub's greedy loop on the token ids (it stops at the stop tokens and masks
-        what follows), then the completion's tokens without special tokens, detokenized (its first line)."""
+        what follows), then the completion's tokens without special tokens, detokenized."""
         tok = self.tokenizer
         special = {int(i) for i in getattr(tok, "special_token_ids", [])}
         # as keras-hub's Gemma 3 postprocessing: <start_of_image> is the user's, not stripped
@@ -220,8 +220,7 @@ class ModelBundle:
             for row in range(n):
                 kept = [int(t) for t in gen[row][keep[row]] if int(t) not in special]
                 text = tok.detokenize([kept])[0] if kept else ""
-                text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-                out.append(text.lstrip().split("\n")[0].strip() if first_line else text)
+                out.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
         return out
 
     def generate(self, inputs: list[str], max_length: int, batch_size: int, src_len: int,
@@ -235,7 +234,8 @@ class ModelBundle:
         model = self.model
         pre = model.preprocessor
         if pre is None and self.kind == "causal":
-            return self._generate_causal_ids(self.prompts(inputs, sources), src_len + max_length + 1, batch_size)
+            res = self._generate_causal_ids(self.prompts(inputs, sources), src_len + max_length + 1, batch_size)
+            return [r.lstrip().split("\n")[0].strip() for r in res]
         if self.kind == "seq2seq":
             pre.encoder_sequence_length = src_len
             pre.decoder_sequence_length = max_length

@@ -143,7 +143,7 @@ def test_lora3_runs_gemma3_without_keras_hubs_preprocessor_and_generates_what_it
         value = rng.normal(0, 0.5, v.shape).astype("float32")
         v.assign(value)
         theirs_by_path[v.path].assign(value)
-    ours = bundle._generate_causal_ids(full, 16 + 12 + 1, batch_size=4, first_line=False, stops=eos)
+    ours = bundle._generate_causal_ids(full, 16 + 12 + 1, batch_size=4, stops=eos)
     text = lambda t: t.decode() if isinstance(t, bytes) else str(t)  # noqa: E731
     theirs = [text(reference.generate([p], max_length=16 + 12 + 1, strip_prompt=True, stop_token_ids=eos)[0])
               for p in full]

@@ -147,8 +147,8 @@ def run_variant(name, a):
     keras_worker.prepare(spec, model)
     out = {"variant": name}
     if "frozen_bias" in changes:
-        frozen = [v for v in model.weights if "relative_attention_bias" in v.path or
-                  ("self_attention" in v.path and v.path.endswith("embeddings"))]
+        # keras-hub names each stack's (buckets, heads) table `<...>self_attention/embeddings`
+        frozen = [v for v in model.weights if "self_attention" in v.path and v.path.endswith("embeddings")]
         for v in frozen:
             v.trainable = False
         out["frozen"] = [v.path for v in frozen]
@@ -178,7 +178,7 @@ def run_variant(name, a):
     out.update(build_s=build_s, compile_s=max(first - med, 0.0), first_loss=loss0, median_step_s=med,
                step_times_s=times, model_tflop_per_step=tflop, achieved_tflop_per_s=tflop / med,
                mfu=tflop / med / a.peak_tflops,
-               trainable_params=sum(int(v.numpy().size) for v in model.trainable_weights))
+               trainable_params=keras_worker._count(model.trainable_weights))
     if name in a.trace.split(","):
         import jax
 

@@ -30,22 +30,21 @@ MODELS = {
 # `gemma3_tiny` is a random stand-in of the same architecture for tests (Keras and PEFT then hold
 # different random weights). The batch is the Gemma 3 study's (experiment=gemma3_multi30k): <bos>,
 # `prompt_len` prompt tokens and `completion_len` completion tokens, the loss on the completion only.
+# What keras-hub's Gemma3Backbone config of Gemma 3 270M holds besides its sizes (a text-only model).
+_GEMMA3 = dict(image_size=None, query_head_dim_normalize=True, use_query_key_norm=True, use_post_ffw_norm=True,
+               use_post_attention_norm=True, attention_logit_soft_cap=None, final_logit_soft_cap=None,
+               use_sliding_window_attention=True, sliding_window_size=512, vision_encoder=None,
+               layer_norm_epsilon=1e-6)
 CAUSAL_MODELS = {
     "gemma3_270m": dict(gguf=True, vocabulary_size=262144),
     # The 270M's architecture with random weights (keras-hub's config of the converted GGUF): speed and
     # memory only, where the GGUF cannot be had (the GPU machine); no PEFT twin holds the same weights.
     "gemma3_270m_arch": dict(gguf=False, vocabulary_size=262144, arch=dict(
-        vocabulary_size=262144, image_size=None, num_layers=18, num_query_heads=4, num_key_value_heads=1,
-        hidden_dim=640, intermediate_dim=2048, head_dim=256, query_head_dim_normalize=True,
-        use_query_key_norm=True, use_post_ffw_norm=True, use_post_attention_norm=True,
-        attention_logit_soft_cap=None, final_logit_soft_cap=None, use_sliding_window_attention=True,
-        sliding_window_size=512, vision_encoder=None, layer_norm_epsilon=1e-6)),
+        _GEMMA3, vocabulary_size=262144, num_layers=18, num_query_heads=4, num_key_value_heads=1,
+        hidden_dim=640, intermediate_dim=2048, head_dim=256)),
     "gemma3_tiny": dict(gguf=False, vocabulary_size=512, arch=dict(
-        vocabulary_size=512, image_size=None, num_layers=2, num_query_heads=2, num_key_value_heads=1,
-        hidden_dim=32, intermediate_dim=64, head_dim=16, query_head_dim_normalize=True,
-        use_query_key_norm=True, use_post_ffw_norm=True, use_post_attention_norm=True,
-        attention_logit_soft_cap=None, final_logit_soft_cap=None, use_sliding_window_attention=True,
-        sliding_window_size=512, vision_encoder=None, layer_norm_epsilon=1e-6)),
+        _GEMMA3, vocabulary_size=512, num_layers=2, num_query_heads=2, num_key_value_heads=1,
+        hidden_dim=32, intermediate_dim=64, head_dim=16)),
 }
 
 # Setup name -> (kind, targets). kind: "full", "forward", "lora3", "keras", "peft".
